@@ -1,0 +1,1 @@
+"""Alembic migrations for SkinScan's database (run with `skinscan migrate`)."""

@@ -1,0 +1,166 @@
+"""Image storage behind one interface: an S3-compatible bucket (AWS, MinIO) or a local folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from skinscan.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be reached or an object that cannot be read or written."""
+
+
+class Storage(Protocol):
+    """What web and worker need from image storage. Keys are opaque ids, never uploaded file names."""
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Store bytes under key (overwriting is allowed and idempotent)."""
+
+    def get(self, key: str) -> bytes:
+        """Return the bytes stored under key (raises StorageError if missing)."""
+
+    def exists(self, key: str) -> bool:
+        """Return whether key is stored."""
+
+    def delete(self, key: str) -> None:
+        """Remove key if present."""
+
+    def check(self) -> None:
+        """Raise StorageError unless storage is reachable and writable."""
+
+
+class LocalStorage:
+    """Objects as files below one folder (the embedded default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if ".." in key.split("/") or key.startswith("/"):
+            raise StorageError(f"invalid storage key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Write atomically (temp file then rename) so a crash never leaves half an image."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        """Read a stored object."""
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"object {key} not found") from None
+
+    def exists(self, key: str) -> bool:
+        """Return whether the object's file exists."""
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Delete the object's file if present."""
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Check the folder is writable."""
+        probe = self.root / ".readyz"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"image folder {self.root} is not writable: {exc}") from exc
+
+
+class S3Storage:
+    """Objects in an S3-compatible bucket through boto3, with retries and timeouts."""
+
+    def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        config = Config(
+            retries={"max_attempts": 8, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+            max_pool_connections=32,
+            s3={"addressing_style": "path"},
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Upload bytes to the bucket."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except Exception as exc:  # noqa: BLE001 - botocore raises many types
+            raise StorageError(f"cannot store object {key}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        """Download an object's bytes."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read object {key}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        """Return whether the object exists (HEAD)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check object {key}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        """Delete an object (no error if absent)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot delete object {key}: {exc}") from exc
+
+    def check(self) -> None:
+        """HEAD the bucket."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"bucket {self.bucket} unreachable: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (for development and tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception:  # noqa: BLE001
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+_STORAGES: dict[tuple[str | None, str | None, str], Storage] = {}
+
+
+def get_storage(settings: Settings | None = None) -> Storage:
+    """Return this process's storage: S3 when S3_BUCKET is set, else the local images folder."""
+    settings = settings or load_settings()
+    key = (settings.s3_bucket, settings.s3_endpoint_url, str(settings.images_dir))
+    if key not in _STORAGES:
+        if settings.s3_bucket:
+            _STORAGES[key] = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
+        else:
+            _STORAGES[key] = LocalStorage(settings.images_dir)
+    return _STORAGES[key]

@@ -1,0 +1,1 @@
+"""Training, evaluation and model bundles for SkinScan's lesion classifier."""

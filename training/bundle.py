@@ -1,0 +1,194 @@
+"""The model bundle: a folder of weights, ONNX export and metadata.json (classes, preprocessing, version)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from skinscan.labels import CLASSES, MALIGNANT
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+
+
+class BundleError(RuntimeError):
+    """A model bundle that is missing, incomplete, or whose files do not match their checksums."""
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def create_model(architecture: str, num_classes: int, weights: str | Path | None = None) -> torch.nn.Module:
+    """Build a torchvision classifier by name, optionally from pretrained weights (a torchvision weights enum
+    name such as 'IMAGENET1K_V1', which downloads, or a local .pth file), with a fresh head of num_classes."""
+    if weights is None:
+        model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+        return model
+    if Path(str(weights)).is_file():
+        model = torchvision.models.get_model(architecture, weights=None)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if len(missing) > 4:
+            raise BundleError(f"{weights} does not fit {architecture}: {len(missing)} weights missing")
+        log.info("loaded local weights %s (missing %d, unexpected %d)", weights, len(missing),
+                 len(unexpected))
+    else:
+        model = torchvision.models.get_model(architecture, weights=str(weights))
+    _replace_head(model, num_classes)
+    return model
+
+
+def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer of a torchvision classifier for one with num_classes outputs."""
+    for name in ("fc", "classifier", "head", "heads"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            setattr(model, name, torch.nn.Linear(head.in_features, num_classes))
+            return
+        if isinstance(head, torch.nn.Sequential):
+            for i in range(len(head) - 1, -1, -1):
+                if isinstance(head[i], torch.nn.Linear):
+                    head[i] = torch.nn.Linear(head[i].in_features, num_classes)
+                    return
+    raise BundleError(f"cannot find the classification head of {type(model).__name__}")
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle's metadata and folder; preprocessing comes from here, never from other constants."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        """The bundle's version string, which tags every prediction it makes."""
+        return str(self.meta["version"])
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in model-output order."""
+        return list(self.meta["classes"])
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input the network takes."""
+        return int(self.meta["input_size"])
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side an image is resized to before the centre crop."""
+        return int(self.meta["resize_size"])
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature that logits are divided by."""
+        return float(self.meta.get("temperature", 1.0))
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to resize_size and centre-crop to input_size (RGB in, RGB out)."""
+        width, height = img.size
+        scale = self.resize_size / min(width, height)
+        new = (max(self.input_size, round(width * scale)), max(self.input_size, round(height * scale)))
+        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
+        left = (new[0] - self.input_size) // 2
+        top = (new[1] - self.input_size) // 2
+        return img.crop((left, top, left + self.input_size, top + self.input_size))
+
+    def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """Turn an N x H x W x 3 uint8 batch into the N x 3 x H x W float32 tensor the network takes."""
+        mean = np.asarray(self.meta["mean"], dtype=np.float32) * 255.0
+        std = np.asarray(self.meta["std"], dtype=np.float32) * 255.0
+        out = (batch_uint8.astype(np.float32) - mean) / std
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """Return one RGB image as the network's 3 x S x S float32 input."""
+        return self.normalize(np.asarray(self.resize_crop(img))[None])[0]
+
+    def torch_model(self) -> torch.nn.Module:
+        """Build the network and load the bundle's weights (float32, eval mode, on the CPU)."""
+        model = create_model(self.meta["architecture"], len(self.classes))
+        state = torch.load(self.path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return model.eval()
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load a bundle's metadata, checking that it is complete and its files match their checksums."""
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{path} is not a model bundle: {METADATA_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    required = ("architecture", "classes", "input_size", "resize_size", "mean", "std", "version", "checksums")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_path} lacks {', '.join(missing)}")
+    if verify:
+        for name, expected in meta["checksums"].items():
+            file = path / name
+            if not file.is_file():
+                raise BundleError(f"bundle file {file} is missing")
+            if sha256_file(file) != expected:
+                raise BundleError(f"bundle file {file} does not match its checksum")
+    return Bundle(path=path, meta=meta)
+
+
+def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> None:
+    """Export a float32 model to ONNX with a dynamic batch dimension."""
+    model = model.float().eval().cpu()
+    dummy = torch.zeros(1, 3, input_size, input_size)
+    torch.onnx.export(
+        model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+
+
+def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: bool = True) -> Bundle:
+    """Write weights (float16 to keep the bundle small), ONNX export and metadata.json to a bundle folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval().cpu()
+    # Round to float16 once, then use the same rounded values for both files so they agree.
+    state = {
+        k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()
+    }
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    torch.save(state, out / WEIGHTS_FILE)
+    files = [WEIGHTS_FILE]
+    if onnx:
+        export_onnx(model, out / ONNX_FILE, int(meta["input_size"]))
+        files.append(ONNX_FILE)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "classes": list(CLASSES),
+        "malignant_classes": sorted(MALIGNANT),
+        **meta,
+        "checksums": {name: sha256_file(out / name) for name in files},
+    }
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return load_bundle(out)

@@ -1,0 +1,41 @@
+"""Temperature scaling fitted on validation logits, and the referral threshold chosen there."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Return the temperature T minimising the validation NLL of softmax(logits / T)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(y_true, dtype=torch.int64)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Return row-wise softmax of logits / temperature."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def referral_threshold(
+    y_malignant: np.ndarray, malignant_score: np.ndarray, sensitivity: float = 0.95
+) -> float:
+    """Return the highest malignancy-score threshold whose validation sensitivity is at least the target."""
+    fpr, tpr, thresholds = roc_curve(y_malignant, malignant_score)
+    ok = np.where(tpr >= sensitivity)[0]
+    return float(min(1.0, thresholds[ok[0]])) if len(ok) else 0.0

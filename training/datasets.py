@@ -1,0 +1,149 @@
+"""Dataset readers: HAM10000, ISIC 2017 Part 3, ISIC 2018/2019 one-hot, and one folder per class."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skinscan.labels import CLASSES, FOLDER_ALIASES, GroundTruth, LabelFileError, parse_ground_truth
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A folder or file that no reader understands, or that is missing images."""
+
+
+@dataclass
+class Sample:
+    """One labelled image: where it is, its diagnosis, the lesion it shows, and what else is known."""
+
+    image_id: str
+    path: Path
+    label: str
+    lesion_id: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    """Samples read from one source, with the format and the labels that source can tell apart."""
+
+    name: str
+    format: str
+    samples: list[Sample]
+    known_labels: tuple[str, ...]
+
+    @property
+    def melanoma_only(self) -> bool:
+        """True when the set separates melanoma from the rest but not all seven classes."""
+        return set(self.known_labels) != set(CLASSES)
+
+
+def _index_images(root: Path) -> dict[str, Path]:
+    """Map image id (file stem) to path for every image below root."""
+    index: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            index.setdefault(path.stem, path)
+    return index
+
+
+def _read_csv_meta(path: Path, key: str) -> dict[str, dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        return {row[key]: row for row in csv.DictReader(fh)}
+
+
+def _from_ground_truth(csv_path: Path, image_root: Path, name: str) -> Dataset:
+    try:
+        truth: GroundTruth = parse_ground_truth(csv_path.read_text(encoding="utf-8-sig"))
+    except LabelFileError as exc:
+        raise DatasetError(f"{csv_path}: {exc}") from exc
+    index = _index_images(image_root)
+    meta: dict[str, dict[str, str]] = {}
+    for meta_csv in image_root.rglob("*_metadata.csv"):
+        if meta_csv != csv_path:
+            try:
+                meta.update(_read_csv_meta(meta_csv, "image_id"))
+            except (KeyError, csv.Error):
+                log.warning("ignoring unreadable metadata file %s", meta_csv)
+    samples: list[Sample] = []
+    missing = [i for i in truth.labels if i not in index]
+    if missing:
+        raise DatasetError(
+            f"{csv_path}: {len(missing)} labelled images not found under {image_root} (first: {missing[0]})"
+        )
+    for image_id, label in truth.labels.items():
+        extra = dict(truth.extra.get(image_id, {}))
+        extra.update({k: v for k, v in meta.get(image_id, {}).items() if k != "image_id"})
+        lesion = extra.pop("lesion_id", "") or image_id
+        samples.append(Sample(image_id, index[image_id], label, lesion, extra))
+    return Dataset(name=name, format=truth.format, samples=samples, known_labels=truth.known_labels)
+
+
+def _ground_truth_csvs(folder: Path) -> list[Path]:
+    found = []
+    for path in sorted(folder.glob("*.csv")):
+        if path.name.endswith("_metadata.csv") and path.name != "HAM10000_metadata.csv":
+            continue
+        with path.open(encoding="utf-8-sig") as fh:
+            header = fh.readline()
+        if ("image_id" in header and ("dx" in header or "melanoma" in header)) or header.startswith("image,"):
+            found.append(path)
+    return found
+
+
+def _images_for(csv_path: Path) -> Path:
+    """Return the folder that holds a ground-truth CSV's images (the official name, else its folder)."""
+    stem = csv_path.stem
+    for suffix in ("_Part3_GroundTruth", "_GroundTruth"):
+        if stem.endswith(suffix):
+            base = stem[: -len(suffix)]
+            for candidate in (base + "_Data", base + "_Input", base):
+                if (csv_path.parent / candidate).is_dir():
+                    return csv_path.parent / candidate
+    return csv_path.parent
+
+
+def _folder_per_class(folder: Path) -> Dataset | None:
+    subdirs = [d for d in sorted(folder.iterdir()) if d.is_dir()]
+    mapped = {d: FOLDER_ALIASES.get(d.name.lower().replace(" ", "_").replace("-", "_")) for d in subdirs}
+    if not subdirs or any(label is None for label in mapped.values()):
+        return None
+    samples = []
+    for d, label in mapped.items():
+        for image_id, path in _index_images(d).items():
+            samples.append(Sample(image_id, path, label, image_id))
+    if not samples:
+        return None
+    known = tuple(c for c in CLASSES if c in set(mapped.values()))
+    return Dataset(name=folder.name, format="folders", samples=samples, known_labels=known)
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read a dataset from a folder or a ground-truth CSV, picking the reader from what it holds."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DatasetError(f"{path} is not a CSV ground-truth file")
+        return _from_ground_truth(path, _images_for(path), path.stem)
+    csvs = _ground_truth_csvs(path)
+    if len(csvs) == 1:
+        csv_path = csvs[0]
+        root = path if csv_path.name == "HAM10000_metadata.csv" else _images_for(csv_path)
+        return _from_ground_truth(csv_path, root, path.name)
+    if len(csvs) > 1:
+        names = ", ".join(p.name for p in csvs)
+        raise DatasetError(f"{path} holds several ground-truth files ({names}); pass the one to use")
+    by_folder = _folder_per_class(path)
+    if by_folder is not None:
+        return by_folder
+    raise DatasetError(
+        f"{path}: no HAM10000_metadata.csv, ISIC ground-truth CSV or one-folder-per-class layout found"
+    )

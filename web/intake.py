@@ -1,0 +1,228 @@
+"""Turning an upload (files, zips, a labels CSV) into stored images and a committed job."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import unicodedata
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from sqlalchemy.orm import Session
+
+from skinscan import audit
+from skinscan.imaging import ACCEPTED_FORMATS, ImageError, sniff_format, strip_metadata
+from skinscan.labels import GroundTruth, LabelFileError, image_id_of, parse_ground_truth
+from skinscan.models import Clinic, Image, Job, new_id, utcnow
+from skinscan.registry import ensure_production_model
+from skinscan.settings import Settings
+from skinscan.storage import Storage
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif"}
+
+
+class UploadError(ValueError):
+    """An upload refused as a whole, with the HTTP status to answer (400, 413, 415)."""
+
+    def __init__(self, message: str, status: int = 400, details: list[dict[str, object]] | None = None) -> None:
+        self.status = status
+        self.details = details or []
+        super().__init__(message)
+
+
+@dataclass
+class Rejected:
+    """A file refused on its own; the rest of the batch goes on."""
+
+    filename: str
+    status: int
+    error: str
+
+
+@dataclass
+class IntakeResult:
+    """What an upload produced: the job, how many images were accepted, which files were refused."""
+
+    job: Job
+    accepted: int
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def clean_filename(name: str) -> str:
+    """Return a display-safe file name: base name only, normalised unicode, no control chars, <= 255 chars."""
+    name = unicodedata.normalize("NFC", name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip() or "unnamed"
+    if len(name) > 255:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[: 250 - len(ext)] + "~." + ext) if dot and len(ext) <= 10 else name[:255]
+    return name
+
+
+def iter_zip(stream: IO[bytes], settings: Settings) -> Iterator[tuple[str, bytes | Rejected]]:
+    """Yield (name, bytes) for each file in a zip, refusing members too large or too compressed."""
+    try:
+        archive = zipfile.ZipFile(stream)
+    except zipfile.BadZipFile:
+        raise UploadError("the zip file is corrupt or not a zip", 400) from None
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        declared = sum(m.file_size for m in members)
+        if declared > settings.max_upload_bytes:
+            raise UploadError(f"the zip expands to {declared:,} bytes, over the limit of "
+                              f"{settings.max_upload_bytes:,}", 413)
+        for member in members:
+            name = clean_filename(member.filename)
+            base = member.filename.replace("\\", "/").rsplit("/", 1)[-1]
+            if base.startswith(".") or member.filename.startswith("__MACOSX/"):
+                continue
+            if member.file_size > settings.max_file_bytes:
+                yield name, Rejected(name, 413, f"file is {member.file_size:,} bytes, over the limit of "
+                                                f"{settings.max_file_bytes:,}")
+                continue
+            if member.compress_size and member.file_size / member.compress_size > settings.max_zip_ratio:
+                yield name, Rejected(name, 413, "compression ratio too high (possible zip bomb)")
+                continue
+            try:
+                with archive.open(member) as fh:
+                    data = fh.read(settings.max_file_bytes + 1)
+            except (zipfile.BadZipFile, RuntimeError, OSError, NotImplementedError) as exc:
+                yield name, Rejected(name, 400, f"cannot read from zip: {exc}")
+                continue
+            if len(data) > settings.max_file_bytes:
+                yield name, Rejected(name, 413, "file larger than it claims (possible zip bomb)")
+                continue
+            yield name, data
+
+
+def iter_files(files: list[tuple[str, IO[bytes]]], settings: Settings) -> Iterator[tuple[str, bytes | Rejected]]:
+    """Yield (name, bytes or Rejected) for uploaded files, expanding zips."""
+    for raw_name, stream in files:
+        name = clean_filename(raw_name)
+        head = stream.read(4)
+        stream.seek(0)
+        if head.startswith(b"PK\x03\x04") or name.lower().endswith(".zip"):
+            yield from iter_zip(stream, settings)
+            continue
+        data = stream.read(settings.max_file_bytes + 1)
+        if len(data) > settings.max_file_bytes:
+            yield name, Rejected(name, 413, f"file over the limit of {settings.max_file_bytes:,} bytes")
+            continue
+        yield name, data
+
+
+def parse_labels(data: bytes | None) -> GroundTruth | None:
+    """Parse an uploaded labels CSV, raising UploadError(400) that names the line and the problem."""
+    if not data:
+        return None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UploadError("labels file: not UTF-8 text", 400) from None
+    try:
+        return parse_ground_truth(text)
+    except LabelFileError as exc:
+        raise UploadError(f"labels file: {exc}", 400,
+                          [{"line": exc.line, "error": str(exc)}] if exc.line else None) from None
+
+
+def store_image(storage: Storage, clinic_id: str, job_id: str, data: bytes) -> tuple[str, str, str, int]:
+    """Strip identifying metadata, store under an opaque key; return (key, sha256 of the upload, type, size)."""
+    digest = hashlib.sha256(data).hexdigest()
+    clean, fmt = strip_metadata(data)
+    key = f"{clinic_id}/{job_id}/{new_id()}.{EXTENSIONS[fmt]}"
+    storage.put(key, clean, ACCEPTED_FORMATS[fmt])
+    return key, digest, ACCEPTED_FORMATS[fmt], len(data)
+
+
+def add_images(
+    session: Session, storage: Storage, job: Job, items: Iterator[tuple[str, bytes | Rejected]],
+    settings: Settings, start: int = 0,
+) -> tuple[int, list[Rejected]]:
+    """Store each accepted image and add its row to the session; refused files become failed rows."""
+    accepted, rejected, position = 0, [], start
+    for name, item in items:
+        if position - start >= settings.max_files:
+            raise UploadError(f"more than {settings.max_files:,} files in one upload", 413)
+        if isinstance(item, Rejected):
+            rejected.append(item)
+            session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+                              status="failed", error=item.error, size=0))
+            position += 1
+            continue
+        try:
+            sniff_format(item)
+            key, digest, ctype, size = store_image(storage, job.clinic_id, job.id, item)
+        except ImageError as exc:
+            status = 415 if exc.unsupported else 400
+            rejected.append(Rejected(name, status, str(exc)))
+            session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+                              status="failed", error=str(exc), size=len(item)))
+            position += 1
+            continue
+        session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+                          storage_key=key, sha256=digest, size=size, content_type=ctype, status="pending"))
+        accepted += 1
+        position += 1
+    return accepted, rejected
+
+
+def apply_labels(session: Session, job: Job, truth: GroundTruth) -> None:
+    """Attach true labels to a job's images by image id; 400 naming any labels row with no matching file."""
+    images = session.query(Image).filter(Image.job_id == job.id).all()
+    by_id: dict[str, list[Image]] = {}
+    for img in images:
+        by_id.setdefault(image_id_of(img.filename), []).append(img)
+    unknown = [i for i in truth.labels if i not in by_id]
+    if unknown:
+        first = unknown[0]
+        raise UploadError(
+            f"labels file line {truth.lines.get(first)}: image id {first!r} matches no uploaded file"
+            + (f" ({len(unknown)} such rows)" if len(unknown) > 1 else ""), 400,
+            [{"line": truth.lines.get(i), "image_id": i, "error": "no uploaded file with this image id"}
+             for i in unknown[:50]],
+        )
+    for image_id, label in truth.labels.items():
+        for img in by_id[image_id]:
+            img.true_label = label
+    job.labels_format, job.known_labels = truth.format, list(truth.known_labels)
+
+
+def create_job(
+    session: Session, storage: Storage, clinic: Clinic, files: list[tuple[str, IO[bytes]]],
+    labels: bytes | None, settings: Settings, actor: str, finalize: bool = True,
+) -> IntakeResult:
+    """Store the upload's images and commit the job with all its rows in one transaction (not enqueued)."""
+    truth = parse_labels(labels)
+    model = ensure_production_model(session, settings)
+    job = Job(id=new_id(), clinic_id=clinic.id, status="uploading", model_version=model.version)
+    session.add(job)
+    session.flush()
+    accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings)
+    if accepted == 0:
+        statuses = {r.status for r in rejected}
+        status = 415 if statuses == {415} else 413 if statuses == {413} else 400
+        message = "no image could be accepted" if rejected else "no files in the upload (field 'files')"
+        raise UploadError(message, status, [r.__dict__ for r in rejected])
+    session.flush()
+    if truth is not None:
+        apply_labels(session, job, truth)
+    audit.record(session, "job.create", actor, clinic.id, "job", job.id,
+                 {"accepted": accepted, "rejected": len(rejected), "labels": truth.format if truth else None})
+    if finalize:
+        finalize_job(session, job)
+    return IntakeResult(job, accepted, rejected)
+
+
+def finalize_job(session: Session, job: Job) -> None:
+    """Close a job for uploads: set its counters and status to queued (the caller commits, then enqueues)."""
+    session.flush()
+    images = session.query(Image.status).filter(Image.job_id == job.id).all()
+    job.total = len(images)
+    job.failed = sum(1 for (s,) in images if s == "failed")
+    job.scored = 0
+    job.status = "queued"
+    job.updated_at = utcnow()
