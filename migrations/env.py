@@ -5,16 +5,21 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from skinscan.db import get_engine
+from skinscan.db import engine_for_url
 from skinscan.models import Base
 from skinscan.settings import load_settings
 
 target_metadata = Base.metadata
 
 
+def _url() -> str:
+    """The URL skinscan.migrate put in the config, else the one from the environment."""
+    return context.config.get_main_option("sqlalchemy.url") or load_settings().database_url
+
+
 def run_migrations_offline() -> None:
     """Emit SQL for the configured URL without connecting."""
-    context.configure(url=load_settings().database_url, target_metadata=target_metadata,
+    context.configure(url=_url(), target_metadata=target_metadata,
                       literal_binds=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
@@ -24,7 +29,7 @@ def run_migrations_online() -> None:
     """Run migrations on a live connection."""
     connectable = context.config.attributes.get("connection")
     if connectable is None:
-        engine = get_engine(load_settings())
+        engine = engine_for_url(_url())
         with engine.connect() as connection:
             _run(connection)
     else:

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 _ENGINES: dict[str, Engine] = {}
 
 
-def _engine_for(url: str) -> Engine:
+def engine_for_url(url: str) -> Engine:
+    """Return this process's engine for a database URL, creating it on first use."""
     if url in _ENGINES:
         return _ENGINES[url]
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
@@ -45,7 +46,7 @@ def _engine_for(url: str) -> Engine:
 
 def get_engine(settings: Settings | None = None) -> Engine:
     """Return this process's engine for the configured database."""
-    return _engine_for((settings or load_settings()).database_url)
+    return engine_for_url((settings or load_settings()).database_url)
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:

@@ -53,3 +53,13 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = create_celery()
+_APPS: dict[str, Celery] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """Return a Celery app for these settings' broker (the module's app when the broker is the same)."""
+    if settings.broker_url == celery_app.conf.broker_url:
+        return celery_app
+    if settings.broker_url not in _APPS:
+        _APPS[settings.broker_url] = create_celery(settings)
+    return _APPS[settings.broker_url]

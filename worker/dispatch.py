@@ -27,9 +27,10 @@ def pending_image_ids(session: Session, job_id: str) -> list[str]:
 
 def enqueue_job(session: Session, job_id: str, settings: Settings | None = None) -> int:
     """Send score tasks for a job's pending images; call only after the job is committed. Returns chunks."""
-    from worker.celery_app import celery_app
+    from worker.celery_app import celery_for
 
     settings = settings or load_settings()
+    celery_app = celery_for(settings)
     if session.in_transaction() and session.new:
         raise RuntimeError("enqueue_job called with uncommitted rows: commit the job first")
     chunks = chunked(pending_image_ids(session, job_id), settings.chunk_size)

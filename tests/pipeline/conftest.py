@@ -1,0 +1,194 @@
+"""Fixtures for the batch pipeline on real services: PostgreSQL, Redis, an S3 server and Celery workers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from realservices import REDIS_BASE, MotoS3, PostgresDatabase, TcpProxy, WorkerProcess, postgres_available
+
+ISIC_TEST = "ISIC-2017_Test_v2_Data"
+ISIC_TRUTH = "ISIC-2017_Test_v2_Part3_GroundTruth.csv"
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model bundle the services load: the shipped default, or a tiny untrained one if none ships yet."""
+    from skinscan.bundles import DEFAULT_BUNDLE_DIR as default
+
+    if (default / "metadata.json").is_file():
+        return default
+    from training.bundle import create_model, save_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    model = create_model("mobilenet_v3_small", 7)
+    save_bundle(model, out, {"architecture": "mobilenet_v3_small", "version": "tiny-untrained", "input_size": 64,
+                             "resize_size": 73, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                             "temperature": 1.0})
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoS3]:
+    """moto's S3 server for the whole test session."""
+    server = MotoS3()
+    yield server
+    server.close()
+
+
+@dataclass
+class Stack:
+    """Environment and handles of one isolated SkinScan deployment on the real services."""
+
+    env: dict[str, str]
+    tmp: Path
+    db: PostgresDatabase
+    s3_proxy: TcpProxy
+    redis_url: str
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def settings(self) -> Any:
+        """Settings as the processes of this stack read them."""
+        from skinscan.settings import load_settings
+
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            return load_settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def worker(self, concurrency: int = 1, queues: str = "skinscan,rescore") -> WorkerProcess:
+        """Start a worker process for this stack."""
+        w = WorkerProcess(self.env, self.tmp / f"worker{len(self.workers)}.log", concurrency,
+                          f"w{len(self.workers)}", queues).start()
+        self.workers.append(w)
+        return w
+
+
+@pytest.fixture()
+def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    """A fresh database, Redis database and bucket, with settings pointing at them (workers started on demand)."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (CI starts it; see README)")
+    try:
+        client = redis.Redis.from_url(f"{REDIS_BASE}/9", socket_connect_timeout=2)
+        client.flushdb()
+    except redis.RedisError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379 (CI starts it; see README)")
+    db = PostgresDatabase()
+    proxy = TcpProxy(moto.port)
+    bucket = f"skinscan-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ)
+    env.update({
+        "DATABASE_URL": db.url, "REDIS_URL": f"{REDIS_BASE}/9", "S3_BUCKET": bucket,
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+        "SKINSCAN_DATA_DIR": str(tmp_path / "data"), "SKINSCAN_MODEL": str(service_bundle),
+        "SKINSCAN_VISIBILITY_TIMEOUT": "20", "SKINSCAN_REQUEUE_AFTER_SECONDS": "15",
+        "SKINSCAN_CHUNK_SIZE": "16", "SECRET_KEY": "test-secret-" + uuid.uuid4().hex,
+    })
+    env.pop("SKINSCAN_ENV", None)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])  # boto3 in this process reads them from the environment
+    st = Stack(env=env, tmp=tmp_path, db=db, s3_proxy=proxy, redis_url=f"{REDIS_BASE}/9")
+    settings = st.settings()
+    from skinscan.migrate import upgrade
+    from skinscan.storage import S3Storage
+
+    S3Storage(bucket, moto.url).ensure_bucket()
+    upgrade(settings)
+    yield st
+    for w in st.workers:
+        w.stop()
+    from skinscan.db import dispose_engines
+
+    dispose_engines()
+    proxy.close()
+    db.close()
+    client.flushdb()
+
+
+@dataclass
+class Api:
+    """A Flask test client for one stack, with a clinic and its API key."""
+
+    client: Any
+    key: str
+    clinic_id: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        """Authorization header for this clinic (or another key)."""
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def submit(self, files: list[tuple[str, bytes]], labels: bytes | None = None, **form: str) -> Any:
+        """POST /api/v1/jobs with files (and labels)."""
+        import io
+
+        data: dict[str, Any] = {"files": [(io.BytesIO(b), name) for name, b in files], **form}
+        if labels is not None:
+            data["labels"] = (io.BytesIO(labels), "labels.csv")
+        return self.client.post("/api/v1/jobs", data=data, headers=self.headers(),
+                                content_type="multipart/form-data")
+
+    def wait(self, job_id: str, timeout: float = 300, until: tuple[str, ...] = ("done", "failed")) -> dict[str, Any]:
+        """Poll the job until it reaches one of the given statuses."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.client.get(f"/api/v1/jobs/{job_id}", headers=self.headers()).get_json()
+            if body["status"] in until:
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {body['status']} after {timeout}s: {body}")
+            time.sleep(0.5)
+
+
+def make_clinic(settings: Any, name: str) -> tuple[str, str]:
+    """Create a clinic with an API key; return (clinic id, key)."""
+    from skinscan.db import session_scope
+    from skinscan.models import Clinic
+    from skinscan.security import create_api_key
+
+    with session_scope(settings) as session:
+        clinic = Clinic(name=name)
+        session.add(clinic)
+        session.flush()
+        key = create_api_key(session, clinic)
+        return clinic.id, key
+
+
+@pytest.fixture()
+def api(stack: Stack) -> Api:
+    """A test client on the stack's settings, signed in as a fresh clinic."""
+    from web import create_app
+
+    settings = stack.settings()
+    app = create_app(settings)
+    clinic_id, key = make_clinic(settings, f"clinic-{uuid.uuid4().hex[:6]}")
+    return Api(app.test_client(), key, clinic_id)
+
+
+@pytest.fixture(scope="session")
+def isic_test_images(isic2017_dir: Path) -> Callable[[int], tuple[list[tuple[str, bytes]], bytes]]:
+    """Factory: the first n ISIC 2017 test images as (name, bytes) and their ground-truth CSV cut to them."""
+
+    def take(n: int) -> tuple[list[tuple[str, bytes]], bytes]:
+        folder = isic2017_dir / ISIC_TEST
+        paths = sorted(folder.glob("ISIC_*.jpg"))[:n]
+        ids = {p.stem for p in paths}
+        with (isic2017_dir / ISIC_TRUTH).open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        text = "\n".join(",".join(r) for r in [rows[0]] + [r for r in rows[1:] if r[0] in ids]) + "\n"
+        return [(p.name, p.read_bytes()) for p in paths], text.encode()
+
+    return take
