@@ -75,17 +75,25 @@ class MotoS3:
     """moto's S3 server as a subprocess on a free loopback port (in memory; checks no credentials)."""
 
     def __init__(self) -> None:
+        external = os.environ.get("SKINSCAN_TEST_S3_ENDPOINT")
+        if external:  # a server .ci/run started; buckets are unique per test, so it can be shared
+            self.proc = None
+            self.url = external.rstrip("/")
+            self.port = int(self.url.rsplit(":", 1)[1])
+            wait_port("127.0.0.1", self.port)
+            return
         self.port = free_port()
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port("127.0.0.1", self.port)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        """Stop the server."""
-        self.proc.terminate()
-        self.proc.wait(10)
+        """Stop the server (if this process started it)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 class TcpProxy:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import select

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import redis
-
 from realservices import REDIS_BASE, MotoS3, PostgresDatabase, TcpProxy, WorkerProcess, postgres_available
 
 ISIC_TEST = "ISIC-2017_Test_v2_Data"
