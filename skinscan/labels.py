@@ -133,6 +133,7 @@ def parse_ground_truth(text: str) -> GroundTruth:
     labels: dict[str, str] = {}
     extra: dict[str, dict[str, str]] = {}
     lines: dict[str, int] = {}
+    seen: dict[str, int] = {}
     try:
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
@@ -143,8 +144,9 @@ def parse_ground_truth(text: str) -> GroundTruth:
             image_id = row[cols["image" if fmt == "isic_onehot" else "image_id"]]
             if not image_id:
                 raise LabelFileError("empty image id", lineno)
-            if image_id in labels:
-                raise LabelFileError(f"image {image_id!r} is listed twice", lineno)
+            if image_id in seen:
+                raise LabelFileError(f"image {image_id!r} is listed twice (first on line {seen[image_id]})", lineno)
+            seen[image_id] = lineno
             label: str | None
             if fmt == "ham10000":
                 label = row[cols["dx"]].lower()

@@ -38,24 +38,27 @@ def sha256_file(path: Path) -> str:
 
 
 def create_model(architecture: str, num_classes: int, weights: str | Path | None = None) -> torch.nn.Module:
-    """Build a torchvision classifier by name, optionally from pretrained weights (a torchvision weights enum
-    name such as 'IMAGENET1K_V1', which downloads, or a local .pth file), with a fresh head of num_classes."""
+    """Build a torchvision classifier by name, from scratch or from weights: a torchvision weights enum name
+    (e.g. 'IMAGENET1K_V1', downloads) or a local file (a torchvision .pth, or a SkinScan checkpoint to warm-start
+    from). Weights whose shape does not fit (an ImageNet head) are left fresh; the head has num_classes outputs."""
     if weights is None:
-        model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
-        return model
-    if Path(str(weights)).is_file():
-        model = torchvision.models.get_model(architecture, weights=None)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(missing) > 4:
-            raise BundleError(f"{weights} does not fit {architecture}: {len(missing)} weights missing")
-        log.info("loaded local weights %s (missing %d, unexpected %d)", weights, len(missing),
-                 len(unexpected))
-    else:
+        return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    if not Path(str(weights)).is_file():
         model = torchvision.models.get_model(architecture, weights=str(weights))
-    _replace_head(model, num_classes)
+        _replace_head(model, num_classes)
+        return model
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in fitting]
+    if len(missing) > 4:  # more than a classification head's weight and bias (and a second head layer)
+        raise BundleError(f"{weights} does not fit {architecture}: {len(missing)} weights missing or misshapen")
+    model.load_state_dict(fitting, strict=False)
+    log.info("loaded local weights %s (%d tensors; fresh: %s)", weights, len(fitting), ", ".join(missing) or "none")
     return model
 
 

@@ -1,0 +1,393 @@
+"""`skinscan evaluate`: score a bundle on a labelled dataset; JSON report, per-image CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+from tqdm import tqdm
+
+from skinscan.imaging import ImageError, decode_rgb
+from skinscan.labels import MALIGNANT
+from training.bundle import METADATA_FILE, Bundle, load_bundle
+from training.calibration import softmax
+from training.datasets import Dataset, DatasetError, Sample, read_dataset
+from training.metrics import classification_report, expected_calibration_error
+from training.predictor import Predictor, load_predictor
+
+log = logging.getLogger(__name__)
+
+AGE_BANDS: tuple[tuple[str, float, float], ...] = (
+    ("<30", 0.0, 30.0), ("30-44", 30.0, 45.0), ("45-59", 45.0, 60.0), ("60-74", 60.0, 75.0),
+    ("75+", 75.0, 1e9),
+)
+# Metadata columns holding each subgroup attribute, in the datasets SkinScan reads (HAM10000, ISIC 2017/2019).
+SEX_KEYS = ("sex",)
+AGE_KEYS = ("age", "age_approximate", "age_approx")
+SITE_KEYS = ("localization", "anatom_site_general", "anatom_site_general_challenge")
+UNKNOWN_VALUES = frozenset({"", "unknown", "nan", "none", "na", "n/a"})
+ECE_BINS = 15
+
+
+def _first(meta: dict[str, str], keys: Sequence[str]) -> str | None:
+    """Return the first of keys present in meta with a known value, lower-cased, or None."""
+    for key in keys:
+        value = str(meta.get(key, "")).strip().lower()
+        if value not in UNKNOWN_VALUES:
+            return value
+    return None
+
+
+def age_band(meta: dict[str, str]) -> str | None:
+    """Return the age band (<30, 30-44, 45-59, 60-74, 75+) of a sample's metadata, or None if unknown."""
+    value = _first(meta, AGE_KEYS)
+    if value is None:
+        return None
+    try:
+        age = float(value)
+    except ValueError:
+        return None
+    for name, low, high in AGE_BANDS:
+        if low <= age < high:
+            return name
+    return None
+
+
+def _group_figures(
+    y: np.ndarray, pred: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Return n, per-class recall and support, balanced accuracy and melanoma AUC of one subgroup."""
+    recall: dict[str, float] = {}
+    support: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        mask = y == i
+        if mask.any():
+            support[name] = int(mask.sum())
+            recall[name] = float((pred[mask] == i).mean())
+    out: dict[str, Any] = {
+        "n": int(len(y)), "recall": recall, "support": support,
+        "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else None,
+        "melanoma_auc": None,
+    }
+    if "mel" in classes:
+        mel = list(classes).index("mel")
+        y_mel = (y == mel).astype(int)
+        if 0 < y_mel.sum() < len(y_mel):
+            out["melanoma_auc"] = float(roc_auc_score(y_mel, probs[:, mel]))
+    return out
+
+
+def subgroup_report(samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
+                    classes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return per-sex, per-age-band and per-body-site figures, for the attributes the metadata has."""
+    pred = probs.argmax(axis=1)
+    attributes = {
+        "sex": [_first(s.meta, SEX_KEYS) for s in samples],
+        "age_band": [age_band(s.meta) for s in samples],
+        "body_site": [_first(s.meta, SITE_KEYS) for s in samples],
+    }
+    band_order = [b[0] for b in AGE_BANDS]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for attribute, values in attributes.items():
+        known = sorted({v for v in values if v is not None},
+                       key=lambda v: band_order.index(v) if attribute == "age_band" else v)
+        if not known:
+            continue
+        groups: dict[str, dict[str, Any]] = {}
+        arr = np.array([v if v is not None else "unknown" for v in values], dtype=object)
+        for value in [*known, "unknown"]:
+            mask = arr == value
+            if mask.any():
+                groups[value] = _group_figures(y[mask], pred[mask], probs[mask], classes)
+        out[attribute] = groups
+    return out
+
+
+def _batches(samples: Sequence[Sample], bundle: Bundle, batch_size: int,
+             skipped: list[dict[str, str]]) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (sample indices, N x 3 x S x S float32 batch) decoded and preprocessed as the bundle says."""
+    indices: list[int] = []
+    crops: list[np.ndarray] = []
+    for i, sample in enumerate(tqdm(samples, desc="evaluating", unit="img", mininterval=2)):
+        try:
+            img = decode_rgb(sample.path.read_bytes(), draft_size=bundle.resize_size)
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s (%s): %s", sample.image_id, sample.path, exc)
+            skipped.append({"image_id": sample.image_id, "reason": str(exc)})
+            continue
+        indices.append(i)
+        crops.append(np.asarray(bundle.resize_crop(img)))
+        if len(crops) == batch_size:
+            yield indices, bundle.normalize(np.stack(crops))
+            indices, crops = [], []
+    if crops:
+        yield indices, bundle.normalize(np.stack(crops))
+
+
+def _tta_logits(predictor: Predictor, batch: np.ndarray, tta: bool) -> np.ndarray:
+    """Return logits, averaged over horizontal, vertical and both flips when tta is set."""
+    if not tta:
+        return predictor.predict_logits(batch)
+    views = (batch, batch[:, :, :, ::-1], batch[:, :, ::-1, :], batch[:, :, ::-1, ::-1])
+    return np.mean([predictor.predict_logits(np.ascontiguousarray(v)) for v in views], axis=0)
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Return per-bin mean confidence, accuracy and count of the top-label prediction (equal-width bins)."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": [], "center": []}
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            out["center"].append(float((edges[b] + edges[b + 1]) / 2))
+            out["confidence"].append(float(confidence[mask].mean()))
+            out["accuracy"].append(float(correct[mask].mean()))
+            out["count"].append(int(mask.sum()))
+    return out
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render a figure with the Agg canvas (no pyplot, no global backend) and write it as PNG."""
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Draw the row-normalised confusion matrix with counts (rows: true classes present; cols: predicted)."""
+    rows = [i for i in range(len(classes)) if matrix[i].sum() > 0]
+    sub = matrix[rows].astype(np.float64)
+    norm = sub / sub.sum(axis=1, keepdims=True)
+    fig = Figure(figsize=(1.1 * len(classes) + 2.0, 0.8 * len(rows) + 1.8))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for r in range(len(rows)):
+        for c in range(len(classes)):
+            colour = "white" if norm[r, c] > 0.5 else "black"
+            ax.text(c, r, f"{norm[r, c]:.2f}\n({int(sub[r, c])})", ha="center", va="center", fontsize=8,
+                    color=colour)
+    ax.set_xticks(range(len(classes)), list(classes))
+    ax.set_yticks(range(len(rows)), [classes[i] for i in rows])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    _save(fig, path)
+
+
+def plot_roc(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Draw one-vs-rest ROC curves of each class present and malignant-vs-benign, AUCs in the legend."""
+    fig = Figure(figsize=(6.0, 5.5))
+    ax = fig.add_subplot()
+    curves: list[tuple[str, np.ndarray, np.ndarray, bool]] = []
+    for i, name in enumerate(classes):
+        yb = (y == i).astype(int)
+        if 0 < yb.sum() < len(yb):
+            curves.append((name, yb, probs[:, i], name == "mel"))
+    malignant = [i for i, c in enumerate(classes) if c in MALIGNANT]
+    y_malig = np.isin(y, malignant).astype(int)
+    if 0 < y_malig.sum() < len(y_malig):
+        curves.append(("malignant (mel+bcc+akiec)", y_malig, probs[:, malignant].sum(axis=1), False))
+    for name, yb, score, bold in curves:
+        fpr, tpr, _ = roc_curve(yb, score)
+        style = {"linewidth": 2.5, "color": "black"} if bold else {"linewidth": 1.2}
+        if name.startswith("malignant"):
+            style = {"linewidth": 2.0, "linestyle": "--", "color": "crimson"}
+        label = "melanoma (mel)" if name == "mel" else name
+        ax.plot(fpr, tpr, label=f"{label}: AUC {roc_auc_score(yb, score):.3f}", **style)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_reliability(y: np.ndarray, probs: np.ndarray, probs_uncalibrated: np.ndarray, temperature: float,
+                     path: Path, title: str) -> None:
+    """Draw the reliability diagram (accuracy against confidence) before and after temperature scaling."""
+    fig = Figure(figsize=(6.0, 6.5))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8, label="perfect calibration")
+    width = 1.0 / ECE_BINS
+    for p, label, colour, marker in (
+        (probs_uncalibrated, "uncalibrated (T=1)", "tab:orange", "s"),
+        (probs, f"calibrated (T={temperature:.3g})", "tab:blue", "o"),
+    ):
+        bins = reliability_bins(p, y)
+        ece = expected_calibration_error(p, y, ECE_BINS)
+        ax.plot(bins["confidence"], bins["accuracy"], marker=marker, color=colour,
+                label=f"{label}: ECE {ece:.3f}")
+        hist.bar(bins["center"], bins["count"], width=width * 0.9, alpha=0.5, color=colour)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_ylabel("accuracy of top prediction")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set_xlabel("confidence of top prediction")
+    hist.set_ylabel("images")
+    _save(fig, path)
+
+
+def write_predictions(path: Path, samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
+                      classes: Sequence[str]) -> None:
+    """Write image_id, label, predicted and the calibrated probability of every class per image."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "label", "predicted", *[f"prob_{c}" for c in classes]])
+        for sample, label, row in zip(samples, y, probs, strict=True):
+            writer.writerow([sample.image_id, classes[label], classes[int(row.argmax())],
+                             *[f"{p:.6f}" for p in row]])
+
+
+def output_paths(out_json: str | Path) -> dict[str, Path]:
+    """Return where the report, predictions CSV and the three plots of an evaluation go."""
+    out = Path(out_json)
+    stem = out.stem
+    return {
+        "report": out,
+        "predictions": out.with_name(f"{stem}_predictions.csv"),
+        "confusion": out.with_name(f"{stem}_confusion.png"),
+        "roc": out.with_name(f"{stem}_roc.png"),
+        "reliability": out.with_name(f"{stem}_reliability.png"),
+    }
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Return the compact figures of a report that are recorded in a bundle's metadata."""
+    mel = report["melanoma"]
+    return {
+        "dataset": report["dataset"], "format": report["format"], "n_images": report["n_images"],
+        "melanoma_only": report["melanoma_only"], "tta": report["tta"], "backend": report["backend"],
+        "balanced_accuracy": report["balanced_accuracy"], "accuracy": report["accuracy"],
+        "macro_auc": report["macro_auc"], "melanoma_auc": mel["auc"],
+        "melanoma_sensitivity_at_specificity_0.80": mel["sensitivity_at_specificity_0.80"],
+        "melanoma_sensitivity_at_specificity_0.90": mel["sensitivity_at_specificity_0.90"],
+        "malignant_auc": report["malignant_auc"], "ece": report["ece"],
+        "ece_uncalibrated": report["ece_uncalibrated"], "evaluated_at": report["evaluated_at"],
+    }
+
+
+def headline(report: dict[str, Any]) -> str:
+    """Return a one-line description of a report's headline figures for logs."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    mel = report["melanoma"]
+    first = (f"melanoma vs rest AUC {fmt(mel['auc'])}" if report["melanoma_only"]
+             else f"balanced accuracy {fmt(report['balanced_accuracy'])}, "
+                  f"macro AUC {fmt(report['macro_auc'])}, melanoma AUC {fmt(mel['auc'])}")
+    return (f"{report['model_version']} on {report['dataset']} ({report['n_images']} images"
+            f"{', TTA' if report['tta'] else ''}): {first}, melanoma sensitivity at 90% specificity "
+            f"{fmt(mel['sensitivity_at_specificity_0.90'])}, malignant AUC {fmt(report['malignant_auc'])}, "
+            f"ECE {fmt(report['ece'])} (uncalibrated {fmt(report['ece_uncalibrated'])})")
+
+
+def record_evaluation(bundle: Bundle, name: str, report: dict[str, Any]) -> None:
+    """Store a report's summary in metadata.json as metrics.evaluations.<name>, leaving weights untouched."""
+    meta_path = bundle.path / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("metrics", {}).setdefault("evaluations", {})[name] = summary(report)
+    tmp = meta_path.with_name(f".{METADATA_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    tmp.replace(meta_path)
+    load_bundle(bundle.path)  # the checksums of the weights must still hold
+    log.info("recorded evaluation %r in %s", name, meta_path)
+
+
+def evaluate(
+    bundle_path: str | Path | None,
+    data_path: str | Path,
+    out_json: str | Path,
+    tta: bool = False,
+    backend: str = "auto",
+    batch_size: int = 64,
+    record: bool = False,
+    name: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a bundle (the packaged default when None) on a dataset; write the report, CSV and plots."""
+    if bundle_path is None:
+        from skinscan.bundles import default_bundle_path
+
+        bundle_path = default_bundle_path()
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    bundle = load_bundle(bundle_path)
+    dataset: Dataset = read_dataset(data_path)
+    classes = bundle.classes
+    unknown = sorted({s.label for s in dataset.samples} - set(classes))
+    if unknown:
+        raise DatasetError(
+            f"{data_path}: labels {', '.join(unknown)} are not classes of the model ({', '.join(classes)})"
+        )
+    predictor = load_predictor(bundle, backend=backend, device=device, threads=threads)
+    log.info("evaluating %s (%s backend) on %s: %d images (%s)%s", bundle.version, predictor.backend,
+             dataset.name, len(dataset.samples), dataset.format, " with TTA" if tta else "")
+
+    skipped: list[dict[str, str]] = []
+    kept: list[int] = []
+    logits_parts: list[np.ndarray] = []
+    for indices, batch in _batches(dataset.samples, bundle, batch_size, skipped):
+        kept.extend(indices)
+        logits_parts.append(_tta_logits(predictor, batch, tta))
+    if not kept:
+        raise DatasetError(f"{data_path}: none of the {len(dataset.samples)} images could be decoded")
+    samples = [dataset.samples[i] for i in kept]
+    logits = np.concatenate(logits_parts).astype(np.float64)
+    y = np.array([classes.index(s.label) for s in samples], dtype=np.int64)
+    probs = softmax(logits, bundle.temperature)
+    probs_uncalibrated = softmax(logits, 1.0)
+
+    report = classification_report(y, probs, classes, known_labels=dataset.known_labels)
+    melanoma_only = dataset.melanoma_only
+    report.update({
+        "model_version": bundle.version,
+        "model_name": bundle.meta.get("name"),
+        "dataset": dataset.name,
+        "format": dataset.format,
+        "tta": bool(tta),
+        "backend": predictor.backend,
+        "device": str(predictor.device),
+        "temperature": bundle.temperature,
+        "ece_uncalibrated": expected_calibration_error(probs_uncalibrated, y, ECE_BINS),
+        "melanoma_only": melanoma_only,
+        "headline": ({"metric": "melanoma_auc", "value": report["melanoma"]["auc"]} if melanoma_only
+                     else {"metric": "balanced_accuracy", "value": report["balanced_accuracy"]}),
+        "subgroups": subgroup_report(samples, y, probs, classes),
+        "n_labelled": len(dataset.samples),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "evaluated_at": datetime.now(UTC).isoformat(),
+    })
+
+    paths = output_paths(out_json)
+    paths["report"].parent.mkdir(parents=True, exist_ok=True)
+    report["files"] = {k: p.name for k, p in paths.items() if k != "report"}
+    title = f"{bundle.version} on {dataset.name} (n={len(samples)}{', TTA' if tta else ''})"
+    plot_confusion(np.asarray(report["confusion_matrix"]), classes, paths["confusion"], title)
+    plot_roc(y, probs, classes, paths["roc"], title)
+    plot_reliability(y, probs, probs_uncalibrated, bundle.temperature, paths["reliability"], title)
+    write_predictions(paths["predictions"], samples, y, probs, classes)
+    paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+    log.info("report written to %s", paths["report"])
+    if record:
+        record_evaluation(bundle, name or dataset.name, report)
+    return report
