@@ -31,6 +31,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.model, args.data, args.out, tta=args.tta, backend=args.backend, batch_size=args.batch_size,
         record=args.record, name=args.name, device=args.device, threads=args.threads,
+        split_file=args.split_file, split=args.split,
     )
     logging.getLogger("skinscan").info("%s", headline(report))
     logging.getLogger("skinscan").info("report written to %s", args.out)
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     from skinscan.cli_service import add_service_commands
 
     add_service_commands(sub)
+
+    from skinscan.cli_models import add_model_commands
+
+    add_model_commands(sub)
 
     from training.train import add_arguments as train_arguments
 
@@ -64,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split-file", default=None,
+                   help="splits.csv of a training run: evaluate only the images of --split (lesion-grouped)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--record", action="store_true",
                    help="store a summary in the bundle's metadata.json under metrics.evaluations.<name>")
     p.add_argument("--name", default=None,

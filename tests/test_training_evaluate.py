@@ -248,3 +248,18 @@ def test_packaged_default_location() -> None:
     else:
         with pytest.raises(BundleError, match=str(path)):
             skinscan.bundles.default_bundle_path()
+
+
+def test_split_file_limits_evaluation_to_one_split(smoke_bundle: Path, ham_eval: Path, tmp_path: Path) -> None:
+    """--split-file/--split evaluate only the images a training run put in that split."""
+    ids = sorted(p.stem for p in (ham_eval / "images").glob("*.jpg"))
+    split_csv = tmp_path / "splits.csv"
+    with split_csv.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "lesion_id", "group", "label", "split"])
+        for i, image_id in enumerate(ids):
+            writer.writerow([image_id, image_id, image_id, "nv", "test" if i % 3 == 0 else "train"])
+    report = evaluate(smoke_bundle, ham_eval, tmp_path / "r.json", split_file=split_csv, split="test")
+    assert report["n_images"] == len(ids[::3])
+    with pytest.raises(Exception, match="no image"):
+        evaluate(smoke_bundle, ham_eval, tmp_path / "r2.json", split_file=split_csv, split="val")

@@ -322,8 +322,13 @@ def evaluate(
     name: str | None = None,
     device: str = "auto",
     threads: int | None = None,
+    split_file: str | Path | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Evaluate a bundle (the packaged default when None) on a dataset; write the report, CSV and plots."""
+    """Evaluate a bundle (the packaged default when None) on a dataset; write the report, CSV and plots.
+
+    With split_file (a splits.csv written by `skinscan train`), only the images of that split are used.
+    """
     if bundle_path is None:
         from skinscan.bundles import default_bundle_path
 
@@ -332,6 +337,14 @@ def evaluate(
         raise ValueError("batch_size must be at least 1")
     bundle = load_bundle(bundle_path)
     dataset: Dataset = read_dataset(data_path)
+    if split_file is not None:
+        from training.splits import read_splits
+
+        wanted = read_splits(Path(split_file))
+        kept_samples = [s for s in dataset.samples if wanted.get(s.image_id) == split]
+        if not kept_samples:
+            raise DatasetError(f"{split_file}: no image of {data_path} is in split {split!r}")
+        dataset = Dataset(f"{dataset.name}-{split}", dataset.format, kept_samples, dataset.known_labels)
     classes = bundle.classes
     unknown = sorted({s.label for s in dataset.samples} - set(classes))
     if unknown:

@@ -103,13 +103,15 @@ def load_images(
 
 
 def _augment(input_size: int) -> v2.Compose:
-    """Dermoscopy augmentation: lesions have no up or left, so flips and any rotation; scale and colour."""
+    """Dermoscopy augmentation: lesions have no up or left, so flips and any rotation; zoom in and out (other
+    collections frame lesions smaller, with dark dermoscope corners); colour, as devices and lighting differ."""
     return v2.Compose([
-        v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 1.8))], p=0.3),
+        v2.RandomResizedCrop(input_size, scale=(0.3, 1.0), ratio=(0.75, 1.33), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         v2.RandomApply([v2.RandomRotation(45)], p=0.5),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.03),
+        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.3, hue=0.05),
     ])
 
 
