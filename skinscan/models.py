@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: clinics, keys, users, jobs, images, predictions, model versions, metrics, audit."""
+"""SQLAlchemy 2 models: clinics, keys, users, jobs, images, predictions, model versions, metrics, audit, re-scores."""
 
 from __future__ import annotations
 
@@ -175,3 +175,41 @@ class AuditEvent(Base):
     target_type: Mapped[str | None] = mapped_column(String(32))
     target_id: Mapped[str | None] = mapped_column(String(120))
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+# At most one model version is in production: enforced by the database, not only by the registry's code.
+Index("uq_model_versions_one_production", ModelVersion.status, unique=True,
+      postgresql_where=ModelVersion.status == "production", sqlite_where=ModelVersion.status == "production")
+
+
+class RescoreRun(Base):
+    """One re-scoring of stored images by the production model: its scope, progress and summary.
+
+    The run's images are those (of its clinic, uploaded since `since`) that had a prediction before
+    `started_at` but none from `model_to`; counters are recomputed from the predictions table, never incremented.
+    """
+
+    __tablename__ = "rescore_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_from: Mapped[str | None] = mapped_column(String(120))
+    model_to: Mapped[str] = mapped_column(String(120))
+    clinic_id: Mapped[str | None] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"), index=True)
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|done|superseded
+    actor: Mapped[str] = mapped_column(String(320), default="system")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    changed: Mapped[int] = mapped_column(Integer, default=0)
+    flagged: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    __table_args__ = (Index("ix_rescore_runs_status_model", "status", "model_to"),)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run's images finished (re-scored or failed), 0..1."""
+        return 1.0 if self.total == 0 else round(min(1.0, (self.done + self.failed) / self.total), 4)
