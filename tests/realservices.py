@@ -86,7 +86,7 @@ class MotoS3:
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port("127.0.0.1", self.port)
+        wait_port("127.0.0.1", self.port, timeout=120)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:

@@ -1,0 +1,194 @@
+"""Image pages: one image with its class probabilities and Grad-CAM heatmap; the image, thumbnails, heatmaps."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Any
+
+from flask import Response, abort, g, jsonify, render_template, request, url_for
+from PIL import Image as PILImage
+
+from skinscan import audit
+from skinscan.imaging import ImageError, decode_rgb
+from skinscan.models import Image, Job, ModelVersion, Prediction
+from skinscan.storage import StorageError
+from web.context import db, settings, storage
+from web.pages.auth import login_required
+from web.pages.common import page_blueprint
+from web.pages.table import prediction_for, results_version
+
+log = logging.getLogger(__name__)
+bp = page_blueprint("images")
+
+THUMB_SIDE = 160
+CACHE_SECONDS = 7 * 24 * 3600
+BROWSER_TYPES = ("image/jpeg", "image/png")
+
+
+def clinic_image(image_id: str) -> Image:
+    """Return the signed-in clinic's image, or 404 (also when it belongs to another clinic)."""
+    image = db().get(Image, image_id) if len(image_id) <= 64 else None
+    if image is None or image.clinic_id != g.clinic.id:
+        abort(404)
+    return image
+
+
+def _cached(body: bytes, mimetype: str, etag: str) -> Response:
+    response = Response(body, mimetype=mimetype)
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = f"private, max-age={CACHE_SECONDS}"
+    return response
+
+
+def _not_modified(etag: str) -> Response | None:
+    if etag in request.if_none_match:
+        response = Response(status=304)
+        response.set_etag(etag)
+        response.headers["Cache-Control"] = f"private, max-age={CACHE_SECONDS}"
+        return response
+    return None
+
+
+def _stored_bytes(image: Image) -> bytes:
+    if not image.storage_key:
+        abort(404)
+    try:
+        return storage().get(image.storage_key)
+    except StorageError:
+        log.warning("image %s is missing from storage", image.id)
+        abort(404)
+
+
+@bp.get("/images/<image_id>/file")
+@login_required
+def file(image_id: str):  # type: ignore[no-untyped-def]
+    """The uploaded image (metadata already stripped); TIFF and BMP are sent as PNG so browsers show them."""
+    image = clinic_image(image_id)
+    etag = f"{image.sha256 or image.id}-full"
+    if (cached := _not_modified(etag)) is not None:
+        return cached
+    data = _stored_bytes(image)
+    if image.content_type in BROWSER_TYPES:
+        return _cached(data, image.content_type or "image/jpeg", etag)
+    try:
+        img = decode_rgb(data)
+    except ImageError:
+        abort(404)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return _cached(out.getvalue(), "image/png", etag)
+
+
+@bp.get("/images/<image_id>/thumb")
+@login_required
+def thumb(image_id: str):  # type: ignore[no-untyped-def]
+    """A small JPEG of the image for the results table, made on the fly and cached by the browser."""
+    image = clinic_image(image_id)
+    etag = f"{image.sha256 or image.id}-thumb{THUMB_SIDE}"
+    if (cached := _not_modified(etag)) is not None:
+        return cached
+    try:
+        img = decode_rgb(_stored_bytes(image), draft_size=THUMB_SIDE)
+    except ImageError:
+        abort(404)
+    img.thumbnail((THUMB_SIDE, THUMB_SIDE), PILImage.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85, optimize=True)
+    return _cached(out.getvalue(), "image/jpeg", etag)
+
+
+def _shown(image: Image) -> tuple[Job, str | None, Prediction | None]:
+    """The image's job, the model version the pages show for it, and its prediction under that version."""
+    job = db().get(Job, image.job_id)
+    assert job is not None
+    version = results_version(db(), job)
+    return job, version, prediction_for(db(), image, version)
+
+
+def _ask_heatmap(image: Image, version: str) -> dict[str, Any]:
+    """The heatmap's state, asking a worker for it if needed; the page still works when the broker is down."""
+    from worker.gradcam import request_heatmap
+
+    try:
+        state = request_heatmap(storage(), image, version, settings())
+    except Exception:  # noqa: BLE001 - broker or storage outage: say so instead of failing the page
+        log.exception("could not request the heatmap of image %s", image.id)
+        state = {"state": "error", "error": "the workers cannot be reached just now; reload the page later"}
+    body = dict(state)
+    if state["state"] == "ready":
+        tag = hashlib.sha256(version.encode()).hexdigest()[:12]
+        body["url"] = url_for("images.heatmap_png", image_id=image.id, v=tag)
+    return body
+
+
+def _referral_reason(prediction: Prediction, meta: dict[str, Any]) -> str:
+    referral = meta.get("referral", {})
+    threshold = float(referral.get("malignancy_threshold", 0.5))
+    uncertain = float(referral.get("uncertain_below", 0.5))
+    reasons = []
+    if prediction.malignancy >= threshold:
+        reasons.append(f"its malignancy score {prediction.malignancy:.3f} is at or above the referral threshold "
+                       f"{threshold:.3f}")
+    if prediction.confidence < uncertain:
+        reasons.append(f"the model is unsure (top class probability {prediction.confidence:.1%} is below "
+                       f"{uncertain:.0%})")
+    if not prediction.flagged:
+        return (f"Not flagged: malignancy score {prediction.malignancy:.3f} is below the referral threshold "
+                f"{threshold:.3f} and the top class probability is {prediction.confidence:.1%}.")
+    return "Flagged for referral because " + " and ".join(reasons or ["of the model's referral rule"]) + "."
+
+
+@bp.get("/images/<image_id>")
+@login_required
+def show(image_id: str):  # type: ignore[no-untyped-def]
+    """One image: the picture, its class probabilities, the referral flag and the Grad-CAM heatmap."""
+    image = clinic_image(image_id)
+    job, version, prediction = _shown(image)
+    model = db().get(ModelVersion, version) if version else None
+    probabilities = sorted((prediction.probabilities or {}).items(), key=lambda kv: -kv[1]) if prediction else []
+    heatmap = None
+    if prediction is not None and version and image.storage_key:
+        heatmap = _ask_heatmap(image, version)
+    session = db()
+    audit.record(session, "image.view", g.actor, image.clinic_id, "image", image.id)
+    session.commit()
+    return render_template(
+        "image.html", image=image, job=job, version=version, prediction=prediction, probabilities=probabilities,
+        reason=_referral_reason(prediction, model.meta if model else {}) if prediction else None,
+        heatmap=heatmap,
+    )
+
+
+@bp.get("/images/<image_id>/heatmap")
+@login_required
+def heatmap(image_id: str):  # type: ignore[no-untyped-def]
+    """The heatmap's state as JSON (ready with its URL, pending, or error); asks a worker for it if needed."""
+    image = clinic_image(image_id)
+    _job, version, prediction = _shown(image)
+    if prediction is None or version is None or not image.storage_key:
+        return jsonify({"state": "unavailable", "error": "this image has no prediction to explain"}), 404
+    body = _ask_heatmap(image, version)
+    return jsonify(body), 202 if body["state"] == "pending" else 200
+
+
+@bp.get("/images/<image_id>/heatmap.png")
+@login_required
+def heatmap_png(image_id: str):  # type: ignore[no-untyped-def]
+    """The cached Grad-CAM overlay PNG (404 until a worker has computed it)."""
+    from worker.gradcam import heatmap_key
+
+    image = clinic_image(image_id)
+    _job, version, prediction = _shown(image)
+    if prediction is None or version is None:
+        abort(404)
+    key = heatmap_key(image, version)
+    etag = hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (cached := _not_modified(etag)) is not None:
+        return cached
+    try:
+        data = storage().get(key)
+    except StorageError:
+        abort(404)
+    return _cached(data, "image/png", etag)

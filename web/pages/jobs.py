@@ -1,0 +1,223 @@
+"""Job pages: the clinic's jobs, uploading a new batch, one job's progress, summary, results and exports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, abort, flash, g, jsonify, redirect, render_template, request, stream_with_context, url_for
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from skinscan import audit
+from skinscan.labels import CLASSES, MALIGNANT
+from skinscan.models import Image, Job, JobMetrics, Prediction
+from web.context import db, settings, storage
+from web.errors import wants_json
+from web.intake import UploadError, create_job
+from web.pages.auth import login_required
+from web.pages.common import int_arg, page_blueprint
+from web.pages.table import (
+    PER_PAGE,
+    TableQuery,
+    class_counts,
+    flagged_count,
+    refused_files,
+    results_page,
+    results_version,
+)
+from web.results import iter_csv, job_images, job_summary, rows_for
+
+log = logging.getLogger(__name__)
+bp = page_blueprint("jobs")
+
+JOBS_PER_PAGE = 25
+LABELS_MAX_BYTES = 10 * 1024 * 1024
+
+
+def clinic_job(job_id: str) -> Job:
+    """Return the signed-in clinic's job, or 404 (also when it belongs to another clinic)."""
+    job = db().get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None or job.clinic_id != g.clinic.id:
+        abort(404)
+    return job
+
+
+@bp.get("/jobs")
+@login_required
+def index():  # type: ignore[no-untyped-def]
+    """The clinic's jobs, newest first, with status, counts, progress and model version."""
+    session = db()
+    total = session.scalar(select(func.count()).select_from(Job).where(Job.clinic_id == g.clinic.id)) or 0
+    pages = max(1, -(-total // JOBS_PER_PAGE))
+    page = min(int_arg("page", 1, 1, 1_000_000), pages)
+    jobs = list(session.scalars(select(Job).where(Job.clinic_id == g.clinic.id)
+                                .order_by(Job.created_at.desc(), Job.id)
+                                .limit(JOBS_PER_PAGE).offset((page - 1) * JOBS_PER_PAGE)))
+    return render_template("jobs.html", jobs=jobs, page=page, pages=pages, total=total)
+
+
+@bp.get("/jobs/new")
+@login_required
+def new():  # type: ignore[no-untyped-def]
+    """The upload form: images or zips, dragged in or chosen, and an optional labels CSV."""
+    return render_template("new_job.html", limits=settings())
+
+
+def _discard_stored(session: Session) -> None:
+    """Roll back a refused upload and remove the objects it already stored."""
+    keys = [o.storage_key for o in list(session) if isinstance(o, Image) and o.storage_key]
+    session.rollback()
+    for key in keys:
+        try:
+            storage().delete(key)
+        except Exception:  # noqa: BLE001 - best effort; without a row the object is unreachable
+            log.warning("could not remove an orphaned object after a refused upload")
+
+
+def _enqueue(job: Job) -> None:
+    """Send the committed job's chunks to the workers (the stalled-job sweeper covers a broker outage)."""
+    from worker.dispatch import enqueue_job
+
+    try:
+        enqueue_job(db(), job.id, settings())
+    except Exception:  # noqa: BLE001 - the job is committed; it is requeued later
+        log.exception("job %s committed but not enqueued; it will be requeued", job.id)
+
+
+def _upload_refused(message: str, status: int, details: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    if wants_json():
+        return jsonify({"error": message, "status": status, "details": details}), status
+    return render_template("new_job.html", limits=settings(), error=message, details=details), status
+
+
+@bp.post("/jobs/new")
+@login_required
+def create():  # type: ignore[no-untyped-def]
+    """Store the upload and commit the job, then enqueue it; refused files are listed, accepted ones kept."""
+    files = [(f.filename or "unnamed", f.stream) for f in request.files.getlist("files") if f.filename]
+    labels = request.files.get("labels")
+    labels_bytes = labels.read(LABELS_MAX_BYTES + 1) if labels is not None and labels.filename else None
+    if not files:
+        return _upload_refused("Choose at least one image or zip file to upload.", 400, [])
+    if labels_bytes is not None and len(labels_bytes) > LABELS_MAX_BYTES:
+        return _upload_refused(f"the labels file is over {LABELS_MAX_BYTES // (1024 * 1024)} MB", 413, [])
+    session = db()
+    try:
+        result = create_job(session, storage(), g.clinic, files, labels_bytes, settings(), g.actor)
+        session.commit()
+    except UploadError as exc:
+        _discard_stored(session)
+        return _upload_refused(str(exc), exc.status, exc.details)
+    _enqueue(result.job)
+    job_url = url_for("jobs.show", job_id=result.job.id)
+    rejected = [r.__dict__ for r in result.rejected]
+    log.info("job %s created from the pages: %d accepted, %d refused", result.job.id, result.accepted,
+             len(rejected))
+    if wants_json():
+        return jsonify({"job_id": result.job.id, "job_url": job_url, "accepted": result.accepted,
+                        "rejected": rejected}), 201
+    flash(f"{result.accepted} image{'' if result.accepted == 1 else 's'} accepted and queued for scoring.", "info")
+    if rejected:
+        flash(f"{len(rejected)} files were refused; they are listed below.", "error")
+    return redirect(job_url)
+
+
+def _confusion(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    matrix = metrics.get("confusion_matrix")
+    if not matrix:
+        return None
+    known = [c for c in metrics.get("known_labels") or CLASSES if c in CLASSES]
+    rows = []
+    for label in known:
+        counts = matrix[CLASSES.index(label)]
+        total = sum(counts)
+        rows.append({"label": label, "total": total,
+                     "cells": [{"count": n, "share": (n / total) if total else 0.0} for n in counts]})
+    return {"columns": list(CLASSES), "rows": rows}
+
+
+def _referral_capture(session: Session, job: Job, version: str | None) -> list[dict[str, Any]]:
+    """How many labelled melanomas and malignant lesions the referral flag caught."""
+    rows = session.execute(
+        select(Image.true_label, Prediction.flagged).join(Prediction, Prediction.image_id == Image.id)
+        .where(Image.job_id == job.id, Prediction.model_version == version, Image.true_label.is_not(None))
+    ).all()
+    out = []
+    for name, members in (("Melanoma", {"mel"}), ("Malignant lesions", set(MALIGNANT))):
+        labelled = [flagged for label, flagged in rows if label in members]
+        if labelled:
+            out.append({"name": name, "flagged": sum(1 for f in labelled if f), "total": len(labelled)})
+    return out
+
+
+@bp.get("/jobs/<job_id>")
+@login_required
+def show(job_id: str):  # type: ignore[no-untyped-def]
+    """One job: live progress, counts by class, referrals, metrics when labelled, and the results table."""
+    job = clinic_job(job_id)
+    session = db()
+    version = results_version(session, job)
+    query = TableQuery.from_args(request.args)
+    table = results_page(session, job, version, query)
+    metrics_row = session.get(JobMetrics, (job.id, version)) if version else None
+    metrics = metrics_row.metrics if metrics_row else {}
+    labelled = bool(job.labels_format) and "accuracy" in metrics
+    audit.record(session, "job.view", g.actor, job.clinic_id, "job", job.id)
+    session.commit()
+    return render_template(
+        "job.html", job=job, summary=job_summary(job), version=version, query=query, table=table,
+        per_page_choices=PER_PAGE, counts=class_counts(session, job, version),
+        flagged=flagged_count(session, job, version), refused=refused_files(session, job),
+        metrics=metrics if labelled else None, confusion=_confusion(metrics) if labelled else None,
+        capture=_referral_capture(session, job, version) if job.labels_format else [],
+    )
+
+
+@bp.get("/jobs/<job_id>/status")
+@login_required
+def status(job_id: str):  # type: ignore[no-untyped-def]
+    """The job's status, counts and progress as JSON, for the page's progress bar to poll."""
+    return jsonify(job_summary(clinic_job(job_id)))
+
+
+@bp.get("/jobs/<job_id>/results.csv")
+@login_required
+def export_csv(job_id: str):  # type: ignore[no-untyped-def]
+    """Every row of the job as CSV (streamed)."""
+    job = clinic_job(job_id)
+    session = db()
+    audit.record(session, "job.export", g.actor, job.clinic_id, "job", job.id, {"format": "csv", "via": "pages"})
+    session.commit()
+    response = Response(stream_with_context(iter_csv(session, job)), mimetype="text/csv")
+    response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.csv"'
+    return response
+
+
+def _iter_json(session: Session, job: Job, page: int = 500) -> Iterator[str]:
+    """Yield the job and all its result rows as one JSON document, a page of rows at a time."""
+    yield '{"job": ' + json.dumps(job_summary(job)) + ', "results": ['
+    offset, first = 0, True
+    while True:
+        images = job_images(session, job, page, offset)
+        if not images:
+            break
+        text = ",".join(json.dumps(row) for row in rows_for(session, images, job))
+        yield text if first else "," + text
+        first, offset = False, offset + page
+    yield "]}\n"
+
+
+@bp.get("/jobs/<job_id>/results.json")
+@login_required
+def export_json(job_id: str):  # type: ignore[no-untyped-def]
+    """Every row of the job as JSON (streamed)."""
+    job = clinic_job(job_id)
+    session = db()
+    audit.record(session, "job.export", g.actor, job.clinic_id, "job", job.id, {"format": "json", "via": "pages"})
+    session.commit()
+    response = Response(stream_with_context(_iter_json(session, job)), mimetype="application/json")
+    response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.json"'
+    return response

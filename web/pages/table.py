@@ -1,0 +1,184 @@
+"""The job page's results table: images joined with predictions, sorted, filtered and paginated in SQL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import Select, and_, func, select
+from sqlalchemy.orm import Session
+
+from skinscan.labels import CLASSES
+from skinscan.models import Image, Job, Prediction
+from skinscan.registry import production_model
+
+SORTS: dict[str, Any] = {
+    "malignancy": Prediction.malignancy,
+    "probability": Prediction.confidence,
+    "class": Prediction.label,
+    "flag": Prediction.flagged,
+    "file": func.lower(Image.filename),
+    "upload": Image.position,
+}
+FIRST_DIRECTION = {"malignancy": "desc", "probability": "desc", "flag": "desc", "class": "asc", "file": "asc",
+                   "upload": "asc"}
+PER_PAGE = (10, 25, 50, 100, 200)
+FLAG_FILTERS = ("", "yes", "no")
+
+
+@dataclass(frozen=True)
+class TableQuery:
+    """What the table shows: sort column and direction, class and referral filters, page."""
+
+    sort: str = "malignancy"
+    direction: str = "desc"
+    cls: str = ""
+    flag: str = ""
+    page: int = 1
+    per_page: int = 50
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> TableQuery:
+        """Read a query from request arguments, falling back to the defaults for anything not allowed."""
+        sort = args.get("sort", "malignancy")
+        sort = sort if sort in SORTS else "malignancy"
+        direction = args.get("dir", FIRST_DIRECTION[sort])
+        direction = direction if direction in ("asc", "desc") else FIRST_DIRECTION[sort]
+        label = args.get("class", "")
+        flag = args.get("flag", "")
+        try:
+            page = max(1, int(args.get("page", 1)))
+        except ValueError:
+            page = 1
+        try:
+            per_page = int(args.get("per_page", 50))
+        except ValueError:
+            per_page = 50
+        return cls(sort=sort, direction=direction, cls=label if label in CLASSES else "",
+                   flag=flag if flag in FLAG_FILTERS else "", page=page,
+                   per_page=per_page if per_page in PER_PAGE else 50)
+
+    def args(self, **changes: Any) -> dict[str, Any]:
+        """Return URL arguments for this query with some fields changed (defaults left out)."""
+        q = replace(self, **changes)
+        out = {"sort": q.sort, "dir": q.direction, "class": q.cls, "flag": q.flag, "page": q.page,
+               "per_page": q.per_page}
+        defaults = {"sort": "malignancy", "dir": "desc", "class": "", "flag": "", "page": 1, "per_page": 50}
+        return {k: v for k, v in out.items() if v != defaults[k]}
+
+    def sorted_by(self, column: str) -> dict[str, Any]:
+        """URL arguments to sort by a column: its natural direction first, the other one when clicked again."""
+        if column == self.sort:
+            direction = "asc" if self.direction == "desc" else "desc"
+        else:
+            direction = FIRST_DIRECTION[column]
+        return self.args(sort=column, direction=direction, page=1)
+
+    def aria_sort(self, column: str) -> str:
+        """The aria-sort value of a column header."""
+        if column != self.sort:
+            return "none"
+        return "ascending" if self.direction == "asc" else "descending"
+
+
+@dataclass
+class ResultRow:
+    """One table row: the uploaded file and its prediction under the shown model version (None if unscored)."""
+
+    image: Image
+    prediction: Prediction | None
+
+
+@dataclass
+class TablePage:
+    """One page of rows and where it sits among all matching rows."""
+
+    rows: list[ResultRow]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        """Number of pages (at least 1)."""
+        return max(1, math.ceil(self.total / self.per_page))
+
+    @property
+    def first(self) -> int:
+        """1-based number of the first row on this page (0 when empty)."""
+        return 0 if not self.rows else (self.page - 1) * self.per_page + 1
+
+    @property
+    def last(self) -> int:
+        """1-based number of the last row on this page."""
+        return self.first + len(self.rows) - 1 if self.rows else 0
+
+
+def results_version(session: Session, job: Job) -> str | None:
+    """The model version whose predictions the pages show: production's once it scored the whole job."""
+    prod = production_model(session)
+    if prod is None or prod.version == job.model_version or not job.scored:
+        return job.model_version
+    n = session.scalar(select(func.count()).select_from(Prediction).join(Image, Image.id == Prediction.image_id)
+                       .where(Image.job_id == job.id, Prediction.model_version == prod.version)) or 0
+    return prod.version if n >= job.scored else job.model_version
+
+
+def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
+    stmt = stmt.where(Image.job_id == job.id)
+    if q.cls:
+        stmt = stmt.where(Prediction.label == q.cls)
+    if q.flag == "yes":
+        stmt = stmt.where(Prediction.flagged.is_(True))
+    elif q.flag == "no":
+        stmt = stmt.where(Prediction.flagged.is_(False))
+    return stmt
+
+
+def results_page(session: Session, job: Job, version: str | None, q: TableQuery) -> TablePage:
+    """Return one page of the job's rows, filtered and sorted in the database (unscored rows last)."""
+    join = and_(Prediction.image_id == Image.id, Prediction.model_version == version)
+    total = session.scalar(_filtered(select(func.count()).select_from(Image).outerjoin(Prediction, join), job, q))
+    total = int(total or 0)
+    page = min(q.page, max(1, math.ceil(total / q.per_page)))
+    column = SORTS[q.sort]
+    order = (column.asc() if q.direction == "asc" else column.desc()).nulls_last()
+    stmt = (_filtered(select(Image, Prediction).outerjoin(Prediction, join), job, q)
+            .order_by(order, Image.position).limit(q.per_page).offset((page - 1) * q.per_page))
+    rows = [ResultRow(image, prediction) for image, prediction in session.execute(stmt).all()]
+    return TablePage(rows=rows, total=total, page=page, per_page=q.per_page)
+
+
+def class_counts(session: Session, job: Job, version: str | None) -> dict[str, int]:
+    """Return how many of the job's images each class was predicted for (every class, zeros included)."""
+    counts = dict(session.execute(
+        select(Prediction.label, func.count()).join(Image, Image.id == Prediction.image_id)
+        .where(Image.job_id == job.id, Prediction.model_version == version).group_by(Prediction.label)
+    ).all())
+    return {c: int(counts.get(c, 0)) for c in CLASSES}
+
+
+def flagged_count(session: Session, job: Job, version: str | None) -> int:
+    """Return how many of the job's images are flagged for referral."""
+    return int(session.scalar(
+        select(func.count()).select_from(Prediction).join(Image, Image.id == Prediction.image_id)
+        .where(Image.job_id == job.id, Prediction.model_version == version, Prediction.flagged.is_(True))
+    ) or 0)
+
+
+def refused_files(session: Session, job: Job, limit: int = 200) -> list[tuple[str, str]]:
+    """Return (file name, reason) of the job's files that could not be scored, in upload order."""
+    return [(name, error or "could not be scored") for name, error in session.execute(
+        select(Image.filename, Image.error).where(Image.job_id == job.id, Image.status == "failed")
+        .order_by(Image.position).limit(limit)
+    ).all()]
+
+
+def prediction_for(session: Session, image: Image, version: str | None) -> Prediction | None:
+    """Return an image's prediction under a model version."""
+    if version is None:
+        return None
+    return session.scalars(select(Prediction).where(Prediction.image_id == image.id,
+                                                    Prediction.model_version == version)).first()

@@ -1,0 +1,203 @@
+"""Grad-CAM heatmaps: what the CNN looked at for one image, computed on demand and cached in storage."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from skinscan.imaging import ImageError, decode_rgb
+from skinscan.models import Image, Prediction
+from skinscan.settings import Settings, load_settings
+from skinscan.storage import Storage, StorageError
+
+if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
+    import torch
+
+    from training.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+DISPLAY_SIDE = 384
+# A request older than this with no heatmap yet (a lost message, a crashed worker) is sent again.
+PENDING_SECONDS = 300
+
+_MODELS: dict[str, tuple[Bundle, torch.nn.Module, torch.nn.Module]] = {}
+_LOCK = threading.Lock()
+_CAM_LOCK = threading.Lock()
+
+
+def _contains_conv(module: torch.nn.Module) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def find_target_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the last convolutional block of a torchvision CNN, the layer whose output feeds the pooling.
+
+    That is the last top-level child holding a Conv2d (ResNet's layer4, RegNet's trunk_output, MobileNet's and
+    EfficientNet's features) and, when it is a Sequential of blocks, its last block holding a Conv2d.
+    """
+    import torch
+
+    children = [c for c in model.children() if _contains_conv(c)]
+    if not children:
+        raise ValueError(f"{type(model).__name__} has no convolutional layer to explain")
+    block = children[-1]
+    if isinstance(block, torch.nn.Sequential):
+        inner = [c for c in block.children() if _contains_conv(c)]
+        if inner:
+            block = inner[-1]
+    return block
+
+
+def _model_for(path: Path) -> tuple[Bundle, torch.nn.Module, torch.nn.Module]:
+    """Return this process's (bundle, PyTorch model, target layer) for a bundle folder, loaded once."""
+    from training.bundle import load_bundle
+
+    key = str(Path(path).resolve())
+    with _LOCK:
+        if key not in _MODELS:
+            bundle = load_bundle(path)
+            model = bundle.torch_model()
+            _MODELS[key] = (bundle, model, find_target_layer(model))
+            log.info("Grad-CAM model %s loaded", bundle.version)
+        return _MODELS[key]
+
+
+def display_crop(img: PILImage.Image, bundle: Bundle, side: int) -> PILImage.Image:
+    """Return the centre square the network sees (the bundle's resize and crop), at side x side pixels."""
+    width, height = img.size
+    crop = min(width, height) * bundle.input_size / bundle.resize_size
+    left, top = (width - crop) / 2, (height - crop) / 2
+    return img.resize((side, side), PILImage.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
+
+
+def render_heatmap(bundle: Bundle, model: torch.nn.Module, layer: torch.nn.Module, data: bytes,
+                   label: str | None = None, side: int = DISPLAY_SIDE) -> bytes:
+    """Return a PNG of the Grad-CAM heatmap for `label` (else the top class) over the crop the network sees."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    img = decode_rgb(data)
+    x = torch.from_numpy(bundle.preprocess(img))[None]
+    targets = [ClassifierOutputTarget(bundle.classes.index(label))] if label in bundle.classes else None
+    with _CAM_LOCK, torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
+        mask = cam(input_tensor=x, targets=targets)[0]
+    mask_img = PILImage.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
+    mask = np.clip(np.asarray(mask_img.resize((side, side), PILImage.Resampling.BILINEAR)), 0.0, 1.0)
+    base = np.asarray(display_crop(img, bundle, side), dtype=np.float32) / 255.0
+    overlay = show_cam_on_image(base, mask, use_rgb=True, image_weight=0.6)
+    out = io.BytesIO()
+    PILImage.fromarray(overlay).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _version_tag(model_version: str) -> str:
+    return hashlib.sha256(model_version.encode()).hexdigest()[:16]
+
+
+def heatmap_key(image: Image, model_version: str) -> str:
+    """Return the storage key of an image's cached heatmap under a model version."""
+    return f"{image.clinic_id}/{image.job_id}/gradcam/{image.id}-{_version_tag(model_version)}.png"
+
+
+def _state_key(image: Image, model_version: str) -> str:
+    return heatmap_key(image, model_version)[: -len(".png")] + ".state.json"
+
+
+def _read_state(storage: Storage, key: str) -> dict[str, Any]:
+    try:
+        return json.loads(storage.get(key))
+    except (StorageError, ValueError):
+        return {}
+
+
+def _write_state(storage: Storage, key: str, state: dict[str, Any]) -> None:
+    storage.put(key, json.dumps(state).encode(), "application/json")
+
+
+def heatmap_state(storage: Storage, image: Image, model_version: str) -> dict[str, Any]:
+    """Return {"state": "ready"|"pending"|"error"|"absent", ...} for an image's heatmap (no side effects)."""
+    if storage.exists(heatmap_key(image, model_version)):
+        return {"state": "ready"}
+    state = _read_state(storage, _state_key(image, model_version))
+    if state.get("state") == "error":
+        return {"state": "error", "error": state.get("error", "the heatmap could not be computed")}
+    if state.get("state") == "pending" and time.time() - float(state.get("at", 0)) < PENDING_SECONDS:
+        return {"state": "pending"}
+    return {"state": "absent"}
+
+
+def request_heatmap(storage: Storage, image: Image, model_version: str, settings: Settings) -> dict[str, Any]:
+    """Return the heatmap's state, sending one Grad-CAM task when none is cached or recently requested."""
+    state = heatmap_state(storage, image, model_version)
+    if state["state"] != "absent":
+        return state
+    from worker.celery_app import celery_for
+
+    _write_state(storage, _state_key(image, model_version), {"state": "pending", "at": time.time()})
+    try:
+        celery_for(settings).send_task("worker.tasks.gradcam", args=[image.id, model_version], queue="skinscan")
+    except Exception:
+        storage.delete(_state_key(image, model_version))  # not pending after all: the next request tries again
+        raise
+    log.info("Grad-CAM requested for image %s (model %s)", image.id, model_version)
+    return {"state": "pending"}
+
+
+def _prediction(session: Session, image_id: str, model_version: str) -> Prediction | None:
+    return session.scalars(select(Prediction).where(Prediction.image_id == image_id,
+                                                    Prediction.model_version == model_version)).first()
+
+
+def compute_heatmap(image_id: str, model_version: str, settings: Settings | None = None) -> bool:
+    """Compute and cache one image's heatmap for the class the model version predicted; True when cached."""
+    from skinscan.db import session_scope
+    from skinscan.registry import RegistryError, bundle_path_for
+    from skinscan.storage import get_storage
+    from training.bundle import BundleError
+
+    settings = settings or load_settings()
+    storage = get_storage(settings)
+    with session_scope(settings) as session:
+        image = session.get(Image, image_id)
+        if image is None or not image.storage_key:
+            log.warning("Grad-CAM: image %s is gone or was never stored", image_id)
+            return False
+        session.expunge(image)
+        prediction = _prediction(session, image_id, model_version)
+        label = prediction.label if prediction else None
+        try:
+            path: Path | None = bundle_path_for(session, model_version)
+        except RegistryError:
+            path = None
+    key = heatmap_key(image, model_version)
+    if storage.exists(key):
+        return True
+    try:
+        if path is None:
+            raise BundleError(f"model version {model_version} is not registered")
+        bundle, model, layer = _model_for(path)
+        png = render_heatmap(bundle, model, layer, storage.get(image.storage_key), label)
+    except (ImageError, BundleError) as exc:
+        _write_state(storage, _state_key(image, model_version), {"state": "error", "error": str(exc)})
+        log.warning("Grad-CAM for image %s failed: %s", image_id, exc)
+        return False
+    storage.put(key, png, "image/png")
+    storage.delete(_state_key(image, model_version))
+    log.info("Grad-CAM for image %s (model %s) cached", image_id, model_version)
+    return True
