@@ -89,12 +89,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     """Run the web app under gunicorn (production)."""
     settings = load_settings()
     settings.check_production()
-    argv = ["gunicorn", "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
+    argv = ["--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
             "--threads", str(args.threads), "--timeout", "300", "--access-logfile", "-", "web:create_app()"]
-    from gunicorn.app.wsgiapp import run
-
-    sys.argv = argv
-    run()
+    # gunicorn in a fresh interpreter (same pid): the web processes then carry only what the app imports, not
+    # the command line's (the train command's parser imports torch: ~800 MB more in every web process).
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *argv])
     return 0
 
 
@@ -102,11 +101,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker (production); refuses to start without a usable model bundle."""
     settings = load_settings()
     _check_model(settings)
-    cuda = _has_cuda()
-    concurrency = args.concurrency or (1 if cuda else (os.cpu_count() or 1))
-    if not settings.threads and not cuda:
-        # Measured on 2-core CPUs: N processes with one compute thread each beat one process with N threads.
-        os.environ["SKINSCAN_THREADS"] = str(max(1, (os.cpu_count() or 1) // concurrency))
+    from training.predictor import available_cores
+
+    gpus = _cuda_devices()
+    cores = available_cores()  # the cores this worker is given (affinity, cgroup quota), not the host's
+    # One process per GPU; on a CPU one per core. Measured on 2-core CPUs: N processes with one compute thread
+    # each beat one process with N threads, and more compute threads than cores collapse throughput.
+    concurrency = args.concurrency or gpus or cores
+    if not settings.threads and not gpus:
+        os.environ["SKINSCAN_THREADS"] = str(max(1, cores // concurrency))
     from worker.celery_app import celery_app
 
     celery_app.worker_main(["worker", "--queues", args.queues, "--concurrency", str(concurrency),
@@ -114,14 +117,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_cuda() -> bool:
-    """True when a CUDA GPU is present; asks NVML only, so the forking parent never initialises CUDA."""
+def _cuda_devices() -> int:
+    """Number of CUDA GPUs; asks NVML only, so the forking parent never initialises CUDA."""
     try:
         import torch
 
-        return bool(torch.cuda.device_count())
+        return int(torch.cuda.device_count())
     except Exception:  # noqa: BLE001
-        return False
+        return 0
 
 
 def cmd_beat(_args: argparse.Namespace) -> int:
@@ -221,7 +224,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("worker", help="production Celery worker")
-    p.add_argument("--concurrency", type=int, default=0, help="processes (default: 1 per GPU, else 1 per core)")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="processes (default: 1 per GPU, else 1 per core the worker is given)")
     p.add_argument("--queues", default="skinscan,rescore")
     p.add_argument("--hostname", default="skinscan@%h")
     p.set_defaults(func=cmd_worker)

@@ -24,8 +24,23 @@ class ImageError(ValueError):
         super().__init__(message)
 
 
+def _check_size(fmt: str, width: int, height: int, frames: int) -> None:
+    """Raise ImageError for dimensions or frame counts SkinScan will not score."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image too large ({width}x{height} pixels; limit {MAX_PIXELS:,}; possible "
+                         "decompression bomb)")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"image too small ({width}x{height} pixels; at least {MIN_SIDE} per side)")
+    if frames > 1:
+        raise ImageError(f"multi-frame {fmt} ({frames} frames) is not supported; send one image")
+
+
 def sniff_format(data: bytes) -> str:
-    """Return the Pillow format name of encoded image bytes, or raise ImageError if not an accepted image."""
+    """Return the Pillow format name of encoded image bytes, or raise ImageError if not an accepted image.
+
+    Reads the header only: the type, the dimensions (too large or too small is refused here) and the frame count.
+    A multi-picture JPEG (MPO, as some cameras write) counts as JPEG: its first picture is the image.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     head = data[:512].lstrip().lower()
@@ -38,6 +53,11 @@ def sniff_format(data: bytes) -> str:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or ""
+                if fmt == "MPO":
+                    fmt, frames = "JPEG", 1
+                else:
+                    frames = getattr(img, "n_frames", 1) if fmt in ACCEPTED_FORMATS else 1
+                width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image dimensions too large (possible decompression bomb)") from None
     except UnidentifiedImageError:
@@ -47,6 +67,7 @@ def sniff_format(data: bytes) -> str:
     if fmt not in ACCEPTED_FORMATS:
         raise ImageError(f"{fmt or 'this'} images are not supported; use JPEG, PNG, BMP or TIFF",
                          unsupported=True)
+    _check_size(fmt, width, height, frames)
     return fmt
 
 
@@ -72,6 +93,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def _orientation(img: Image.Image) -> int:
+    """Return the EXIF orientation (1 = upright), or 1 when the EXIF block is missing or unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make good pixels unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode image bytes to an upright 8-bit RGB image; raise ImageError with a reason if it cannot be scored.
 
@@ -84,13 +114,7 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"image too large ({width}x{height} pixels; limit {MAX_PIXELS:,})")
-            if min(width, height) < MIN_SIDE:
-                raise ImageError(f"image too small ({width}x{height} pixels; at least {MIN_SIDE} per side)")
-            if getattr(img, "n_frames", 1) > 1:
-                raise ImageError(f"multi-frame {fmt} ({img.n_frames} frames) is not supported; send one image")
-            orientation = img.getexif().get(0x0112, 1)
+            orientation = _orientation(img)
             if draft_size and fmt == "JPEG":
                 # draft() works on the stored orientation; the shorter side is the same either way.
                 scale = min(width, height) / draft_size
@@ -108,12 +132,18 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     return _to_rgb(img)
 
 
-_JPEG_KEEP_APP = {0xE0, 0xE2, 0xEE}  # JFIF, ICC colour profile, Adobe (colour transform): no identifying data
-_PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+_JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF, Adobe (colour transform); APP2 only when it is an ICC profile
+# PNG chunks that carry pixels or how to show them; everything else (text, EXIF, time, private chunks) is dropped.
+_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
+             b"bKGD", b"pHYs", b"cICP"}
 
 
 def _strip_jpeg(data: bytes) -> bytes | None:
-    """Drop EXIF/XMP/IPTC/comment segments from a JPEG without re-encoding; None if the layout is unexpected."""
+    """Drop EXIF/XMP/IPTC/comment segments and anything after the image from a JPEG without re-encoding.
+
+    Returns None if the layout is unexpected. Data after the end-of-image marker (a second picture of a
+    multi-picture file, camera trailers) is dropped too: it can carry its own metadata.
+    """
     if data[:2] != b"\xff\xd8":
         return None
     out = bytearray(b"\xff\xd8")
@@ -125,19 +155,21 @@ def _strip_jpeg(data: bytes) -> bytes | None:
         if marker == 0xFF:
             pos += 1
             continue
-        if marker == 0xDA:  # start of scan: the rest is image data
-            out += data[pos:]
+        if marker == 0xDA:  # start of scan: image data up to the end-of-image marker
+            end = data.find(b"\xff\xd9", pos)
+            out += data[pos:] if end < 0 else data[pos : end + 2]
             return bytes(out)
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         segment = data[pos : pos + 2 + length]
-        if not ((0xE0 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP) or marker == 0xFE):
+        icc = marker == 0xE2 and segment[4:16] == b"ICC_PROFILE\x00"
+        if not ((0xE0 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP and not icc) or marker == 0xFE):
             out += segment
         pos += 2 + length
     return None
 
 
 def _strip_png(data: bytes) -> bytes | None:
-    """Drop text, EXIF and time chunks from a PNG without touching pixels; None if the layout is unexpected."""
+    """Keep only a PNG's pixel and colour chunks, without touching pixels; None if the layout is unexpected."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         return None
     out = bytearray(data[:8])
@@ -146,7 +178,7 @@ def _strip_png(data: bytes) -> bytes | None:
         length = int.from_bytes(data[pos : pos + 4], "big")
         kind = data[pos + 4 : pos + 8]
         end = pos + 12 + length
-        if kind not in _PNG_DROP:
+        if kind in _PNG_KEEP:
             out += data[pos:end]
         pos = end
         if kind == b"IEND":
@@ -157,26 +189,24 @@ def _strip_png(data: bytes) -> bytes | None:
 def strip_metadata(data: bytes) -> tuple[bytes, str]:
     """Return the image without identifying metadata (EXIF, GPS, XMP, IPTC, text), and its format.
 
-    JPEG and PNG are stripped losslessly segment by segment; a JPEG that an EXIF tag says is rotated is
-    re-encoded upright (quality 95) since dropping the tag would turn it; BMP carries no metadata; TIFF
-    (whose tags can hold anything) is re-encoded as lossless PNG.
+    JPEG and PNG are stripped losslessly segment by segment; one that an EXIF tag says is rotated is
+    re-encoded upright (JPEG at quality 95, PNG losslessly) since dropping the tag would turn it; BMP carries
+    no metadata; TIFF (whose tags can hold anything) is re-encoded as lossless PNG.
     """
     fmt = sniff_format(data)
     if fmt == "BMP":
         return data, fmt
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "PNG"):
         with Image.open(io.BytesIO(data)) as img:
-            rotated = img.getexif().get(0x0112, 1) != 1
-        stripped = None if rotated else _strip_jpeg(data)
+            rotated = _orientation(img) != 1
+        stripped = None if rotated else _strip_jpeg(data) if fmt == "JPEG" else _strip_png(data)
         if stripped is not None:
             return stripped, fmt
-        out = io.BytesIO()
-        decode_rgb(data).save(out, "JPEG", quality=95, subsampling=0)
-        return out.getvalue(), fmt
-    if fmt == "PNG":
-        stripped = _strip_png(data)
-        if stripped is not None:
-            return stripped, fmt
+    upright = decode_rgb(data)
+    upright.info = {}  # Pillow writes a comment, profile or transparency it finds here into the new file
     out = io.BytesIO()
-    decode_rgb(data).save(out, "PNG")
+    if fmt == "JPEG":
+        upright.save(out, "JPEG", quality=95, subsampling=0)
+        return out.getvalue(), fmt
+    upright.save(out, "PNG")
     return out.getvalue(), "PNG"

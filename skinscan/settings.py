@@ -43,7 +43,7 @@ class Settings:
     model_path: Path | None
     production: bool
     chunk_size: int = 32
-    batch_size: int = 32
+    batch_size: int = 0  # 0: the best measured for the backend (training.predictor.BATCH_SIZES)
     backend: str = "auto"
     threads: int = 0
     decode_workers: int = 0
@@ -57,6 +57,10 @@ class Settings:
     rescore_minute: int = 0
     requeue_after_seconds: int = 600
     task_max_retries: int = 5
+    sweep_interval_seconds: int = 60
+    upload_timeout_seconds: int = 86_400
+    visibility_timeout: int = 3600
+    task_time_limit: int = 1800
     log_level: str = "INFO"
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -102,7 +106,7 @@ def load_settings() -> Settings:
         model_path=Path(model).expanduser() if model else None,
         production=production,
         chunk_size=_int("SKINSCAN_CHUNK_SIZE", 32),
-        batch_size=_int("SKINSCAN_BATCH_SIZE", 32),
+        batch_size=_int("SKINSCAN_BATCH_SIZE", 0),
         backend=os.environ.get("SKINSCAN_BACKEND", "auto"),
         threads=_int("SKINSCAN_THREADS", 0),
         decode_workers=_int("SKINSCAN_DECODE_WORKERS", 0),
@@ -116,5 +120,9 @@ def load_settings() -> Settings:
         rescore_minute=_int("SKINSCAN_RESCORE_MINUTE", 0),
         requeue_after_seconds=_int("SKINSCAN_REQUEUE_AFTER_SECONDS", 600),
         task_max_retries=_int("SKINSCAN_TASK_MAX_RETRIES", 5),
+        sweep_interval_seconds=_int("SKINSCAN_SWEEP_INTERVAL_SECONDS", 60),
+        upload_timeout_seconds=_int("SKINSCAN_UPLOAD_TIMEOUT_SECONDS", 86_400),
+        visibility_timeout=_int("SKINSCAN_VISIBILITY_TIMEOUT", 3600),
+        task_time_limit=_int("SKINSCAN_TASK_TIME_LIMIT", 1800),
         log_level=os.environ.get("SKINSCAN_LOG_LEVEL", "INFO"),
     )

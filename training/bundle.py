@@ -7,14 +7,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torchvision
 from PIL import Image
 
 from skinscan.labels import CLASSES, MALIGNANT
+
+if TYPE_CHECKING:  # torch is imported where a network is built, so reading a bundle (web, registry) stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ def create_model(architecture: str, num_classes: int, weights: str | Path | None
     """Build a torchvision classifier by name, from scratch or from weights: a torchvision weights enum name
     (e.g. 'IMAGENET1K_V1', downloads) or a local file (a torchvision .pth, or a SkinScan checkpoint to warm-start
     from). Weights whose shape does not fit (an ImageNet head) are left fresh; the head has num_classes outputs."""
+    import torch
+    import torchvision
+
     if weights is None:
         return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
     if not Path(str(weights)).is_file():
@@ -64,6 +68,8 @@ def create_model(architecture: str, num_classes: int, weights: str | Path | None
 
 def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
     """Swap the last Linear layer of a torchvision classifier for one with num_classes outputs."""
+    import torch
+
     for name in ("fc", "classifier", "head", "heads"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear):
@@ -132,6 +138,8 @@ class Bundle:
 
     def torch_model(self) -> torch.nn.Module:
         """Build the network and load the bundle's weights (float32, eval mode, on the CPU)."""
+        import torch
+
         model = create_model(self.meta["architecture"], len(self.classes))
         state = torch.load(self.path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -164,6 +172,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> None:
     """Export a float32 model to ONNX with a dynamic batch dimension."""
+    import torch
+
     model = model.float().eval().cpu()
     dummy = torch.zeros(1, 3, input_size, input_size)
     torch.onnx.export(
@@ -174,6 +184,8 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> None:
 
 def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: bool = True) -> Bundle:
     """Write weights (float16 to keep the bundle small), ONNX export and metadata.json to a bundle folder."""
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().cpu()
     # Round to float16 once, then use the same rounded values for both files so they agree.

@@ -30,11 +30,15 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.config.update(test_config)
     app.extensions["skinscan.settings"] = settings
 
-    from web import api, errors, health
+    from web import api, errors, health, ratelimit
 
     errors.register(app)
+    ratelimit.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
+    from web import api_models
+
+    app.register_blueprint(api_models.bp)
     try:
         from web import pages
     except ImportError:  # pages are optional for an API-only deployment

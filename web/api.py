@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from skinscan import audit
 from skinscan.models import Image, Job, JobMetrics
+from skinscan.storage import StorageError
 from web.auth import require_api_key
 from web.context import db, settings, storage
 from web.errors import ApiError
@@ -18,6 +19,7 @@ from web.results import iter_csv, job_images, job_summary, rows_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+STORAGE_DOWN = "image storage is unavailable; nothing was kept from this upload, send it again later"
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -92,6 +94,9 @@ def create():  # type: ignore[no-untyped-def]
     except UploadError as exc:
         _discard_stored(session)
         raise ApiError(str(exc), exc.status, exc.details) from None
+    except StorageError:
+        _discard_stored(session)
+        raise ApiError(STORAGE_DOWN, 503) from None
     if finalize:
         _enqueue(result.job)
     log.info("job %s created: %d images accepted, %d refused", result.job.id, result.accepted,
@@ -115,6 +120,9 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     except UploadError as exc:
         _discard_stored(session)
         raise ApiError(str(exc), exc.status, exc.details) from None
+    except StorageError:
+        _discard_stored(session)
+        raise ApiError(STORAGE_DOWN, 503) from None
     return _created(job, accepted, rejected)
 
 

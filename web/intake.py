@@ -62,18 +62,26 @@ def clean_filename(name: str) -> str:
     return name
 
 
-def iter_zip(stream: IO[bytes], settings: Settings) -> Iterator[tuple[str, bytes | Rejected]]:
-    """Yield (name, bytes) for each file in a zip, refusing members too large or too compressed."""
+def iter_zip(
+    stream: IO[bytes], settings: Settings, zip_name: str = "upload.zip",
+) -> Iterator[tuple[str, bytes | Rejected]]:
+    """Yield (name, bytes) for each file in a zip, refusing members too large or too compressed.
+
+    A zip that cannot be read or that would expand past the upload limit is refused on its own (the rest of
+    the upload goes on).
+    """
     try:
         archive = zipfile.ZipFile(stream)
-    except zipfile.BadZipFile:
-        raise UploadError("the zip file is corrupt or not a zip", 400) from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        yield zip_name, Rejected(zip_name, 400, "the zip file is corrupt or not a zip")
+        return
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         declared = sum(m.file_size for m in members)
         if declared > settings.max_upload_bytes:
-            raise UploadError(f"the zip expands to {declared:,} bytes, over the limit of "
-                              f"{settings.max_upload_bytes:,}", 413)
+            yield zip_name, Rejected(zip_name, 413, f"the zip expands to {declared:,} bytes, over the limit of "
+                                                    f"{settings.max_upload_bytes:,} (possible zip bomb)")
+            return
         for member in members:
             name = clean_filename(member.filename)
             base = member.filename.replace("\\", "/").rsplit("/", 1)[-1]
@@ -105,7 +113,7 @@ def iter_files(files: list[tuple[str, IO[bytes]]], settings: Settings) -> Iterat
         head = stream.read(4)
         stream.seek(0)
         if head.startswith(b"PK\x03\x04") or name.lower().endswith(".zip"):
-            yield from iter_zip(stream, settings)
+            yield from iter_zip(stream, settings, name)
             continue
         data = stream.read(settings.max_file_bytes + 1)
         if len(data) > settings.max_file_bytes:
@@ -167,6 +175,7 @@ def add_images(
                           storage_key=key, sha256=digest, size=size, content_type=ctype, status="pending"))
         accepted += 1
         position += 1
+    job.updated_at = utcnow()  # an upload in parts is alive; the stale-upload sweeper goes by this
     return accepted, rejected
 
 

@@ -20,6 +20,8 @@ def _job_path_param() -> dict[str, Any]:
 
 def spec() -> dict[str, Any]:
     """Return the OpenAPI document."""
+    from web import api_models
+
     probs = {"type": "object", "properties": {c: {"type": "number"} for c in CLASSES}, "nullable": True}
     upload_body = {
         "multipart/form-data": {
@@ -95,7 +97,7 @@ def spec() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": upload_body},
                     "responses": {"202": {"description": "job created and queued", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                        **_errors(400, 401, 413, 415, 429)},
+                        **_errors(400, 401, 413, 415, 429, 503)},
                 },
                 "get": {
                     "summary": "The clinic's jobs, newest first", "operationId": "listJobs",
@@ -126,14 +128,15 @@ def spec() -> dict[str, Any]:
                     "summary": "Add a part of images to an uploading job", "operationId": "addImages",
                     "parameters": [_job_path_param()],
                     "requestBody": {"required": True, "content": upload_body},
-                    "responses": {"202": {"description": "images added"}, **_errors(400, 401, 404, 409, 413, 415, 429)},
+                    "responses": {"202": {"description": "images added"},
+                                  **_errors(400, 401, 404, 409, 413, 415, 429, 503)},
                 }
             },
             "/api/v1/jobs/{job_id}/start": {
                 "post": {
                     "summary": "Queue an uploading job", "operationId": "startJob",
                     "parameters": [_job_path_param()],
-                    "responses": {"202": {"description": "queued"}, **_errors(400, 401, 404, 409, 429)},
+                    "responses": {"202": {"description": "queued"}, **_errors(400, 401, 404, 409, 413, 429)},
                 }
             },
             "/api/v1/jobs/{job_id}/results": {
@@ -162,6 +165,7 @@ def spec() -> dict[str, Any]:
                         "application/json": {"schema": {"type": "object"}}}}, **_errors(401, 404, 409, 429)},
                 }
             },
+            **api_models.openapi_paths(),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "operationId": "healthz",
                                  "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness", "security": [], "operationId": "readyz",

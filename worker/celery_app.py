@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from celery.schedules import crontab
 from kombu import Queue
@@ -18,9 +16,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app: late acks, redelivery on worker loss, clinic queue served before re-scoring."""
     settings = settings or load_settings()
     app = Celery("skinscan", broker=settings.broker_url, include=["worker.tasks"])
-    visibility = int(os.environ.get("SKINSCAN_VISIBILITY_TIMEOUT", "3600"))
+    visibility = settings.visibility_timeout
+    sweep = float(settings.sweep_interval_seconds)
     schedule = {
-        "requeue-stalled-jobs": {"task": "worker.tasks.requeue_stalled", "schedule": 60.0},
+        "requeue-stalled-jobs": {"task": "worker.tasks.requeue_stalled", "schedule": sweep},
+        "fail-stale-uploads": {"task": "worker.tasks.fail_stale_uploads", "schedule": sweep},
     }
     if settings.rescore_enabled:
         schedule["nightly-rescore"] = {
@@ -42,7 +42,14 @@ def create_celery(settings: Settings | None = None) -> Celery:
         broker_connection_max_retries=None,
         # Poll the clinic queue first: a re-score never holds up an upload. Redelivery of a message whose
         # worker died happens after the visibility timeout; the stalled-job sweeper covers lost messages.
-        broker_transport_options={"visibility_timeout": visibility, "queue_order_strategy": "priority"},
+        # kombu scans for unacked messages past the visibility timeout every interval x throttle seconds
+        # (100 s by default); scan every few seconds instead so a killed worker's message returns promptly.
+        broker_transport_options={"visibility_timeout": visibility, "queue_order_strategy": "priority",
+                                  "unacked_restore_interval": max(1, min(10, visibility // 4)),
+                                  "unacked_restore_throttle": 1},
+        # A hung task is killed (its images stay pending, the sweeper resends them, attempts are counted);
+        # keep this below the visibility timeout or Redis redelivers a task that is still running.
+        task_time_limit=settings.task_time_limit,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         timezone="UTC",

@@ -6,20 +6,29 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from skinscan.db import session_scope
 from skinscan.models import Image, Job, JobMetrics, Prediction, utcnow
 from skinscan.registry import bundle_path_for
 from skinscan.settings import Settings, load_settings
-from skinscan.storage import get_storage
+from skinscan.storage import Storage, StorageError, get_storage
 from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
 
+# Tries per image: a delivery that crashed, timed out or hit an outage counts one try for each image it tried.
 MAX_ATTEMPTS = 8
+MISSING_OBJECT = "the stored image is missing (it was deleted from storage); upload it again"
+# Errors of a service, not of an image: the task retries with backoff and the image stays pending.
+TRANSIENT_ERRORS = (StorageError, DBAPIError, ConnectionError, TimeoutError)
+
+
+class ChunkIncomplete(RuntimeError):
+    """Some images of a chunk could not be scored this time and stay pending; the task retries them later."""
 
 
 def _insert(session: Session) -> Any:
@@ -44,10 +53,11 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
     return session.execute(stmt).rowcount or 0
 
 
-def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[str | None, list[tuple[str, str]]]:
-    """Mark the job running, count an attempt on each pending image, fail those past the limit.
+def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[str | None, list[tuple[str, str, int]]]:
+    """Mark the job running and fail the chunk's images already tried MAX_ATTEMPTS times, with the reason.
 
-    Returns the job's model version and the (image id, storage key) pairs still to score.
+    Returns the job's model version and the (image id, storage key, attempts so far) of the images still
+    pending, least-tried first; the version is None when the job is gone, finished or still uploading.
     """
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
@@ -56,21 +66,34 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
         if job.status == "queued":
             job.status, job.started_at = "running", job.started_at or utcnow()
         job.updated_at = utcnow()
-        session.execute(
-            update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id, Image.status == "pending")
-            .values(attempts=Image.attempts + 1)
-        )
+        reason = (f"could not be scored in {MAX_ATTEMPTS} attempts (the worker crashed, timed out or could not "
+                  "reach a service each time)")
         session.execute(
             update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id, Image.status == "pending",
-                                Image.attempts > MAX_ATTEMPTS)
-            .values(status="failed", error=func.coalesce(Image.error, "") + f" (gave up after {MAX_ATTEMPTS} attempts)")
+                                Image.attempts >= MAX_ATTEMPTS)
+            .values(status="failed",
+                    error=literal(reason) + func.coalesce(literal("; last error: ") + Image.error, ""))
         )
         todo = session.execute(
-            select(Image.id, Image.storage_key).where(
+            select(Image.id, Image.storage_key, Image.attempts).where(
                 Image.id.in_(image_ids), Image.job_id == job_id, Image.status == "pending")
-            .order_by(Image.position)
+            .order_by(Image.attempts, Image.position)
         ).all()
-        return job.model_version, [(i, k) for i, k in todo]
+        return job.model_version, [(i, k, a) for i, k, a in todo]
+
+
+def count_attempt(job_id: str, image_ids: list[str], settings: Settings) -> None:
+    """Count one try on pending images and commit it before they are scored (so a crash still counts)."""
+    with session_scope(settings) as session:
+        session.execute(update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id,
+                                            Image.status == "pending").values(attempts=Image.attempts + 1))
+
+
+def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings) -> None:
+    """Keep the last error of pending images (shown as the reason if they finally fail)."""
+    with session_scope(settings) as session:
+        session.execute(update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id,
+                                            Image.status == "pending").values(error=error[:500]))
 
 
 def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings: Settings) -> None:
@@ -88,8 +111,33 @@ def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings:
     refresh_job(job_id, settings)
 
 
+def score_items(scorer: Scorer, storage: Storage, items: list[tuple[str, str | None]]) -> list[Scored]:
+    """Score (image id, storage key) pairs; an object missing from storage fails that image, an outage raises."""
+    missing = [i for i, k in items if not k]
+    stored = [(i, k) for i, k in items if k]
+    try:
+        results = scorer.score_stored(storage, stored)
+    except StorageError:
+        gone = {i for i, k in stored if not storage.exists(k)}  # raises StorageError again if storage is down
+        if not gone:
+            raise
+        log.warning("%d stored images are missing", len(gone))
+        missing += sorted(gone)
+        results = scorer.score_stored(storage, [(i, k) for i, k in stored if i not in gone])
+    return [Scored(i, error=MISSING_OBJECT) for i in missing] + results
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = None) -> int:
-    """Score one chunk of a job's images end to end; return how many were scored now."""
+    """Score one chunk of a job's images end to end; return how many were scored now.
+
+    A first delivery scores the chunk as one batch. A redelivery (after a crash, a timeout or an outage)
+    scores one image at a time, least-tried first, counting a try per image before it starts, so a poison
+    image uses up only its own tries and cannot take the rest of the chunk down with it.
+    """
     settings = settings or load_settings()
     version, todo = claim_chunk(job_id, image_ids, settings)
     if version is None:
@@ -100,20 +148,39 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
     with session_scope(settings) as session:
         path = bundle_path_for(session, version)
     scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers)
-    results = scorer.score_stored(get_storage(settings), todo)
-    record_results(job_id, scorer, results, settings)
-    return sum(1 for r in results if r.probabilities is not None)
+    storage = get_storage(settings)
+    groups = [todo] if all(a == 0 for _, _, a in todo) else [[t] for t in todo]
+    scored, incomplete = 0, []
+    for group in groups:
+        ids = [i for i, _, _ in group]
+        count_attempt(job_id, ids, settings)
+        try:
+            results = score_items(scorer, storage, [(i, k) for i, k, _ in group])
+        except TRANSIENT_ERRORS as exc:
+            note_error(job_id, ids, _describe(exc), settings)
+            raise
+        except Exception as exc:  # noqa: BLE001 - an image that breaks the scorer: retry it alone, then give up
+            log.exception("job %s: scoring %d images failed", job_id, len(ids))
+            note_error(job_id, ids, _describe(exc), settings)
+            incomplete += ids
+            continue
+        record_results(job_id, scorer, results, settings)
+        scored += sum(1 for r in results if r.probabilities is not None)
+    if incomplete:
+        raise ChunkIncomplete(f"job {job_id}: {len(incomplete)} images stay pending after an error")
+    return scored
 
 
 def refresh_job(job_id: str, settings: Settings) -> None:
     """Recompute a job's counters from its images; when none is pending, store metrics and mark it done."""
     with session_scope(settings) as session:
-        counts = dict(session.execute(
-            select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
-        ).all())
+        # Lock the job before counting, so a refresh that counted earlier cannot overwrite a later one's counts.
         job = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
         if job is None:
             return
+        counts = dict(session.execute(
+            select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
+        ).all())
         job.scored, job.failed = counts.get("scored", 0), counts.get("failed", 0)
         job.total = sum(counts.values())
         job.updated_at = utcnow()
@@ -140,3 +207,23 @@ def stalled_jobs(settings: Settings) -> list[str]:
         return list(session.scalars(
             select(Job.id).where(Job.status.in_(("queued", "running")), Job.updated_at < cutoff)
         ))
+
+
+def fail_stale_uploads(settings: Settings) -> int:
+    """Fail jobs left 'uploading' with no new part for upload_timeout_seconds (a client or the web died)."""
+    cutoff = utcnow() - timedelta(seconds=settings.upload_timeout_seconds)
+    reason = (f"the upload was never finished (no new part for {settings.upload_timeout_seconds} seconds); "
+              "submit the images again")
+    with session_scope(settings) as session:
+        jobs = list(session.scalars(select(Job).where(Job.status == "uploading", Job.updated_at < cutoff)
+                                    .with_for_update(skip_locked=True)))
+        for job in jobs:
+            session.execute(update(Image).where(Image.job_id == job.id, Image.status == "pending")
+                            .values(status="failed", error="the upload of this job was never finished"))
+            session.flush()
+            counts = dict(session.execute(select(Image.status, func.count()).where(Image.job_id == job.id)
+                                          .group_by(Image.status)).all())
+            job.total, job.scored, job.failed = sum(counts.values()), counts.get("scored", 0), counts.get("failed", 0)
+            job.status, job.error, job.finished_at, job.updated_at = "failed", reason, utcnow(), utcnow()
+            log.warning("job %s: upload never finished; marked failed", job.id)
+        return len(jobs)

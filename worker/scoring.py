@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from skinscan.imaging import ImageError, decode_rgb
 from skinscan.labels import MALIGNANT
-from skinscan.storage import Storage, StorageError
+from skinscan.storage import Storage
 from training.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,25 @@ class Scored:
 
 
 class Scorer:
-    """A model bundle loaded once, with its predictor and preprocessing, ready to score batches."""
+    """A model bundle loaded once, with its predictor and preprocessing, ready to score batches.
 
-    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int = 0, batch_size: int = 32,
-                 decode_workers: int = 0) -> None:
-        from training.predictor import load_predictor
+    Fetching and decoding run in a thread pool ahead of the network (Pillow and the storage client release the
+    GIL), so one batch is decoded while the previous one runs; batch size and decode threads default to what
+    benchmarks/throughput.py measured best for the backend and device.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int = 0, batch_size: int = 0,
+                 decode_workers: int = 0, device: str = "auto") -> None:
+        from training.predictor import available_cores, load_predictor
 
         self.bundle = bundle
-        self.batch_size = batch_size
-        self.predictor = load_predictor(bundle, backend=backend, threads=threads or None)
-        self.decode_workers = decode_workers or min(4, os.cpu_count() or 1)
+        self.predictor = load_predictor(bundle, backend=backend, device=_worker_device(device),
+                                        threads=threads or None)
+        self.batch_size = batch_size or self.predictor.batch_size
+        # On a GPU decoding is the bottleneck: every core decodes. On a CPU the network takes most of the time;
+        # a few threads keep the next batch fetched and decoded while storage reads wait on the network.
+        on_gpu = self.predictor.device.type == "cuda"
+        self.decode_workers = decode_workers or (available_cores() if on_gpu else min(4, available_cores()))
         referral = bundle.meta.get("referral", {})
         self.threshold = float(referral.get("malignancy_threshold", 0.5))
         self.uncertain_below = float(referral.get("uncertain_below", 0.5))
@@ -64,65 +74,87 @@ class Scorer:
         """Refer when the malignancy score passes the bundle's threshold or the model is unsure."""
         return self.malignancy(probs) >= self.threshold or max(probs.values()) < self.uncertain_below
 
-    def _prepare(self, data: bytes) -> np.ndarray:
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Decode encoded image bytes into the S x S x 3 uint8 crop the network takes (raises ImageError)."""
         img = decode_rgb(data, draft_size=self.bundle.resize_size)
         return np.asarray(self.bundle.resize_crop(img))
 
+    def predict_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Return N x C probabilities of prepared crops (normalised on the GPU when there is one)."""
+        return self.predictor.predict_images(np.stack(batch))
+
     def _load(self, storage: Storage, key: str) -> np.ndarray | ImageError:
+        data = storage.get(key)  # StorageError propagates: the task retries
+        return self._safe_prepare(data)
+
+    def _safe_prepare(self, data: bytes) -> np.ndarray | ImageError:
         try:
-            data = storage.get(key)
-        except StorageError:
-            raise
-        try:
-            return self._prepare(data)
+            return self.prepare(data)
         except ImageError as exc:
             return exc
 
     def score_bytes(self, items: Iterable[tuple[str, bytes]]) -> list[Scored]:
         """Score images given as (id, encoded bytes)."""
         items = list(items)
-        prepared = self._pool.map(lambda it: self._safe_prepare(it[1]), items)
-        return list(self._run(((i, p) for (i, _), p in zip(items, prepared, strict=True))))
-
-    def _safe_prepare(self, data: bytes) -> np.ndarray | ImageError:
-        try:
-            return self._prepare(data)
-        except ImageError as exc:
-            return exc
+        return list(self._run([i for i, _ in items], [lambda d=d: self._safe_prepare(d) for _, d in items]))
 
     def score_stored(self, storage: Storage, items: Iterable[tuple[str, str]]) -> list[Scored]:
         """Score images given as (id, storage key); storage errors propagate so the task can retry."""
         items = list(items)
-        prepared = self._pool.map(lambda it: self._load(storage, it[1]), items)
-        return list(self._run(((i, p) for (i, _), p in zip(items, prepared, strict=True))))
+        return list(self._run([i for i, _ in items], [lambda k=k: self._load(storage, k) for _, k in items]))
 
-    def _run(self, prepared: Iterator[tuple[str, np.ndarray | ImageError]]) -> Iterator[Scored]:
+    def _run(self, ids: list[str], loaders: list[Callable[[], np.ndarray | ImageError]]) -> Iterator[Scored]:
+        """Load in the pool, at most two batches ahead of the network, and predict batch by batch in order."""
+        ahead = max(2 * self.batch_size, self.decode_workers)
+        futures: deque[Future[np.ndarray | ImageError]] = deque()
+        pending = iter(loaders)
         batch_ids: list[str] = []
         batch: list[np.ndarray] = []
-        for image_id, item in prepared:
-            if isinstance(item, ImageError):
-                yield Scored(image_id, error=str(item))
-                continue
-            batch_ids.append(image_id)
-            batch.append(item)
-            if len(batch) == self.batch_size:
+        try:
+            for image_id in ids:
+                while len(futures) < ahead and (loader := next(pending, None)) is not None:
+                    futures.append(self._pool.submit(loader))
+                item = futures.popleft().result()
+                if isinstance(item, ImageError):
+                    yield Scored(image_id, error=str(item))
+                    continue
+                batch_ids.append(image_id)
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield from self._predict(batch_ids, batch)
+                    batch_ids, batch = [], []
+            if batch:
                 yield from self._predict(batch_ids, batch)
-                batch_ids, batch = [], []
-        if batch:
-            yield from self._predict(batch_ids, batch)
+        finally:
+            for future in futures:
+                future.cancel()
 
     def _predict(self, ids: list[str], batch: list[np.ndarray]) -> Iterator[Scored]:
-        probs = self.predictor.predict(self.bundle.normalize(np.stack(batch)))
+        probs = self.predict_batch(batch)
         classes = self.bundle.classes
         for image_id, row in zip(ids, probs, strict=True):
             yield Scored(image_id, {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)})
+
+
+def _worker_device(device: str) -> str:
+    """With several GPUs, give each worker process its own: pool process i takes GPU i modulo the count."""
+    if device != "auto":
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return device
+    from celery.utils.log import current_process_index
+
+    return f"cuda:{(current_process_index(base=0) or 0) % count}"
 
 
 _SCORERS: dict[str, Scorer] = {}
 _LOCK = threading.Lock()
 
 
-def get_scorer(path: Path, backend: str = "auto", threads: int = 0, batch_size: int = 32,
+def get_scorer(path: Path, backend: str = "auto", threads: int = 0, batch_size: int = 0,
                decode_workers: int = 0) -> Scorer:
     """Return this process's scorer for a bundle folder, loading it on first use only."""
     key = str(Path(path).resolve())

@@ -1,0 +1,374 @@
+"""Faults on real services lose nothing and duplicate nothing: every image ends with exactly one prediction.
+
+Each test scores a job of 200 real HAM10000 images with real `skinscan worker` processes on PostgreSQL, Redis and
+an S3 server, and breaks something mid-job: SIGKILL of a worker (twice), a Redis restart, a PostgreSQL restart,
+the S3 server unreachable for 20 seconds, two workers on one queue, the web process killed during an upload, an
+image whose stored object is gone, and a poison image that crashes every worker that scores it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from private_services import (
+    PostgresCluster,
+    RedisServer,
+    ServiceProcess,
+    make_client,
+    rewire,
+)
+from realservices import free_port, wait_port
+from sqlalchemy import func, select
+
+from skinscan.db import session_scope
+from skinscan.models import Image, Job, Prediction
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+N_IMAGES = 200
+# How the processes of these tests behave: small chunks so a job lasts long enough to break it mid-way,
+# a quick stalled-job sweep, and the stack's 20 s visibility timeout and 15 s stall threshold.
+FAULT_ENV = {"SKINSCAN_CHUNK_SIZE": "8", "SKINSCAN_SWEEP_INTERVAL_SECONDS": "3"}
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private Redis that these tests may restart (never the machine's shared one)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def lab(stack, redis_server):  # type: ignore[no-untyped-def]
+    """The stack on the private Redis, with the fault settings in every process it starts."""
+    redis_server.flush()
+    rewire(stack, redis_url=redis_server.url)
+    stack.env.update(FAULT_ENV)
+    return stack
+
+
+@pytest.fixture()
+def spawn(lab) -> Iterator[Callable[..., ServiceProcess]]:  # type: ignore[no-untyped-def]
+    """Start `skinscan <args>` processes (beat, web) for the stack; all are stopped at the end."""
+    procs: list[ServiceProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess({**lab.env, **(env or {})}, lab.tmp / f"{args[0]}{len(procs)}.log", *args).start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def job_files(ham_dir: Path) -> list[tuple[str, bytes]]:
+    """200 real HAM10000 images as (name, bytes)."""
+    paths = sorted((ham_dir / "images").glob("ISIC_*.jpg"))[1000:1000 + N_IMAGES]
+    return [(p.name, p.read_bytes()) for p in paths]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll check() until it returns something truthy; fail naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - a service may be down for a moment
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def in_flight(settings: Any, job_id: str) -> set[str]:
+    """Ids of a job's images a worker has claimed but not finished (pending with an attempt counted)."""
+    with session_scope(settings) as session:
+        return set(session.scalars(select(Image.id).where(Image.job_id == job_id, Image.status == "pending",
+                                                          Image.attempts > 0)))
+
+
+def scored(settings: Any, job_id: str) -> int:
+    """How many of a job's images are scored."""
+    with session_scope(settings) as session:
+        return session.scalar(select(func.count()).select_from(Image)
+                              .where(Image.job_id == job_id, Image.status == "scored")) or 0
+
+
+def assert_exactly_once(settings: Any, job_id: str, n: int = N_IMAGES) -> None:
+    """The job is done, and every one of its n images has exactly one prediction for the job's model version."""
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "done", job and (job.status, job.error)
+        assert (job.total, job.scored, job.failed) == (n, n, 0)
+        rows = session.execute(
+            select(Image.id, Image.status, func.count(Prediction.id))
+            .outerjoin(Prediction, (Prediction.image_id == Image.id) & (Prediction.model_version == job.model_version))
+            .where(Image.job_id == job_id).group_by(Image.id, Image.status)
+        ).all()
+        total = session.scalar(select(func.count()).select_from(Prediction).join(Image)
+                               .where(Image.job_id == job_id))
+    assert len(rows) == n
+    assert {s for _, s, _ in rows} == {"scored"}
+    missing = [i for i, _, c in rows if c == 0]
+    duplicated = [i for i, _, c in rows if c > 1]
+    assert not missing and not duplicated, (missing, duplicated)
+    assert total == n
+
+
+def submit(lab, job_files: list[tuple[str, bytes]]) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
+    """Create a clinic and submit the job; return the client and the job id."""
+    client = make_client(lab.settings())
+    resp = client.submit(job_files)
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["accepted"] == len(job_files)
+    return client, resp.get_json()["id"]
+
+
+def test_worker_killed_twice_mid_job(lab, spawn, job_files) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the worker while it scores a chunk, twice, restarting it each time: the lost chunks come back."""
+    settings = lab.settings()
+    spawn("beat")
+    worker = lab.worker()
+    client, job_id = submit(lab, job_files)
+    killed: set[str] = set()
+    for _ in range(2):
+        claimed = wait_for(lambda done=frozenset(killed): in_flight(settings, job_id) - done, 180,
+                           "a chunk in flight", 0.05)
+        worker.kill()
+        killed |= claimed
+        assert scored(settings, job_id) < N_IMAGES
+        worker = lab.worker()
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done", job
+    assert_exactly_once(settings, job_id)
+    with session_scope(settings) as session:
+        retried = session.scalars(select(Image.attempts).where(Image.id.in_(killed))).all()
+    assert retried and all(a >= 2 for a in retried)  # the killed chunks were scored by a later delivery
+
+
+def test_two_workers_on_one_queue(lab, job_files) -> None:  # type: ignore[no-untyped-def]
+    """Two worker processes consume one queue: both take chunks, and each image is scored exactly once."""
+    settings = lab.settings()
+    workers = [lab.worker(), lab.worker()]
+    client, job_id = submit(lab, job_files)
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done", job
+    assert_exactly_once(settings, job_id)
+    for w in workers:
+        assert "score_chunk" in w.log() and "succeeded" in w.log(), w.log()[-2000:]
+
+
+def test_redis_restarted_mid_job(lab, redis_server, spawn, job_files) -> None:  # type: ignore[no-untyped-def]
+    """The broker restarts empty mid-job (queued and unacked messages gone): the sweeper sends the rest again."""
+    settings = lab.settings()
+    spawn("beat")
+    lab.worker()
+    client, job_id = submit(lab, job_files)
+    wait_for(lambda: scored(settings, job_id) >= 16, 600, "two chunks scored")
+    redis_server.restart(down_for=1.0)
+    assert scored(settings, job_id) < N_IMAGES
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done", job
+    assert_exactly_once(settings, job_id)
+    assert "requeued" in "".join(w.log() for w in lab.workers)  # the sweeper, not luck, brought the rest back
+
+
+@pytest.fixture()
+def private_pg(lab) -> Iterator[PostgresCluster]:  # type: ignore[no-untyped-def]
+    """A private PostgreSQL cluster, migrated, that the stack now uses."""
+    cluster = PostgresCluster()
+    try:
+        rewire(lab, database_url=cluster.url)
+        yield cluster
+    finally:
+        for w in lab.workers:
+            w.stop()
+        from skinscan.db import dispose_engines
+
+        dispose_engines()
+        cluster.close()
+
+
+def test_postgres_restarted_mid_job(lab, private_pg, job_files) -> None:  # type: ignore[no-untyped-def]
+    """The database goes down for 3 seconds mid-job: tasks retry with backoff and the job finishes exactly once."""
+    settings = lab.settings()
+    lab.worker()
+    client, job_id = submit(lab, job_files)
+    wait_for(lambda: scored(settings, job_id) >= 16, 600, "two chunks scored")
+    private_pg.restart(down_for=3.0)
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done", job
+    assert_exactly_once(settings, job_id)
+
+
+def test_s3_unreachable_for_20_seconds(lab, spawn, job_files) -> None:  # type: ignore[no-untyped-def]
+    """The S3 server is unreachable for 20 seconds mid-job: reads retry with backoff; nothing lost or doubled."""
+    settings = lab.settings()
+    spawn("beat")
+    worker = lab.worker()
+    client, job_id = submit(lab, job_files)
+    wait_for(lambda: scored(settings, job_id) >= 16, 600, "two chunks scored")
+    lab.s3_proxy.cut()
+    try:
+        before = scored(settings, job_id)
+        time.sleep(20)
+        during = scored(settings, job_id)
+    finally:
+        lab.s3_proxy.restore()
+    assert during - before <= 16 and during < N_IMAGES  # reads were blocked: at most the chunks in hand finished
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done", job
+    assert_exactly_once(settings, job_id)
+    assert worker.proc.poll() is None  # the worker rode out the outage
+
+
+def test_missing_object_fails_that_image_only(lab, job_files) -> None:  # type: ignore[no-untyped-def]
+    """An image whose stored object was deleted fails with that reason at once; its chunk-mates are scored."""
+    from skinscan.storage import get_storage
+
+    settings = lab.settings()
+    client, job_id = submit(lab, job_files[:40])
+    with session_scope(settings) as session:
+        gone_id, key = session.execute(select(Image.id, Image.storage_key).where(Image.job_id == job_id)
+                                       .order_by(Image.position).offset(3).limit(1)).one()
+    get_storage(settings).delete(key)
+    lab.worker()
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done" and job["counts"] == {"total": 40, "scored": 39, "failed": 1}, job
+    with session_scope(settings) as session:
+        gone = session.get(Image, gone_id)
+        assert gone.status == "failed" and "missing" in gone.error and gone.attempts <= 2
+        assert session.scalar(select(func.count()).select_from(Prediction).join(Image)
+                              .where(Image.job_id == job_id)) == 39
+
+
+class Crash(BaseException):
+    """Stands for the death of the worker process: nothing after it in the task runs (not an Exception)."""
+
+
+@pytest.mark.parametrize("fault", ["crash", "error"])
+def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str) -> None:  # type: ignore[no-untyped-def]
+    """An image that crashes (or breaks) the scorer every time ends failed with its reason after MAX_ATTEMPTS
+    deliveries; the other images of its chunk are scored exactly once and no delivery loops forever."""
+    from worker import pipeline
+    from worker.scoring import Scorer
+
+    settings = lab.settings()
+    client, job_id = submit(lab, job_files[:16])
+    with session_scope(settings) as session:
+        ids = list(session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.position)))
+        poison_key = session.scalar(select(Image.storage_key).where(Image.id == ids[5]))
+    from skinscan.storage import get_storage
+
+    stored_poison = get_storage(settings).get(poison_key)
+    original = Scorer.prepare
+
+    def prepare(self: Scorer, data: bytes) -> Any:
+        if data == stored_poison:
+            if fault == "crash":
+                raise Crash("worker process died decoding this image")
+            raise RuntimeError("decoder blew up")
+        return original(self, data)
+
+    monkeypatch.setattr(Scorer, "prepare", prepare)
+    deliveries = 0
+    while True:  # each loop is one (re)delivery of the chunk's message, as the broker would make it
+        deliveries += 1
+        assert deliveries <= pipeline.MAX_ATTEMPTS + 2, "the chunk keeps being redelivered"
+        try:
+            pipeline.score_chunk(job_id, ids, settings)
+            break
+        except (Crash, pipeline.ChunkIncomplete):
+            continue
+    assert deliveries == pipeline.MAX_ATTEMPTS + 1
+    job = client.wait(job_id, timeout=600)
+    assert job["status"] == "done" and job["counts"] == {"total": 16, "scored": 15, "failed": 1}
+    with session_scope(settings) as session:
+        poison = session.get(Image, ids[5])
+        assert poison.status == "failed" and f"in {pipeline.MAX_ATTEMPTS} attempts" in poison.error
+        if fault == "error":
+            assert "RuntimeError: decoder blew up" in poison.error
+        counts = dict(session.execute(select(Image.id, func.count(Prediction.id))
+                                      .outerjoin(Prediction, Prediction.image_id == Image.id)
+                                      .where(Image.job_id == job_id).group_by(Image.id)).all())
+    assert counts.pop(ids[5]) == 0 and set(counts.values()) == {1}
+
+
+def _slow_upload(port: int, path: str, key: str, total: int, send: int, parts: list[bytes]) -> socket.socket:
+    """Open a multipart POST announcing `total` body bytes and send only the first `send` of them."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        b"--" + boundary.encode() + b'\r\nContent-Disposition: form-data; name="files"; filename="img%d.jpg"\r\n'
+        % i + b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n" for i, data in enumerate(parts))
+    body = (body * (total // len(body) + 1))[:total]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {total}\r\n\r\n")
+    sock.sendall(head.encode() + body[:send])
+    return sock
+
+
+def test_web_killed_during_upload(lab, spawn, job_files) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the web server mid-upload: no half-made job is queued or running; an upload in parts that never
+    finished is marked failed with the reason by the stale-upload sweeper."""
+    from worker import pipeline
+
+    settings = lab.settings()
+    client = make_client(settings)
+    port = free_port()
+    web = spawn("web", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--threads", "4")
+    wait_port("127.0.0.1", port, 600)
+    base = f"http://127.0.0.1:{port}/api/v1"
+    auth = {"Authorization": f"Bearer {client.key}"}
+    first = requests.post(f"{base}/jobs", headers=auth, data={"finalize": "false"},
+                          files=[("files", (n, b, "image/jpeg")) for n, b in job_files[:3]], timeout=120)
+    assert first.status_code == 202, first.text
+    parts_job = first.json()["id"]
+    assert first.json()["status"] == "uploading"
+
+    parts = [b for _, b in job_files[:50]]
+    size = sum(len(p) for p in parts)
+    streams = [
+        _slow_upload(port, "/api/v1/jobs", client.key, size * 4, size, parts),  # a new job, body half sent
+        _slow_upload(port, f"/api/v1/jobs/{parts_job}/images", client.key, size * 4, size, parts),  # a part
+    ]
+    time.sleep(2)
+    os.killpg(web.proc.pid, signal.SIGKILL)
+    web.proc.wait(10)
+    for s in streams:
+        s.close()
+
+    with session_scope(settings) as session:
+        jobs = session.execute(select(Job.id, Job.status).where(Job.clinic_id == client.clinic_id)).all()
+        images = session.scalar(select(func.count()).select_from(Image).where(Image.job_id == parts_job))
+    assert jobs == [(parts_job, "uploading")]  # no other job was made, none looks queued or running
+    assert images == 3  # the killed part added nothing
+    listing = client.get("/api/v1/jobs").get_json()["jobs"]
+    assert [(j["id"], j["status"]) for j in listing] == [(parts_job, "uploading")]
+
+    # The sweeper leaves a recent upload alone and fails one idle past the limit, saying why.
+    from dataclasses import replace
+
+    assert pipeline.fail_stale_uploads(settings) == 0
+    time.sleep(1.5)
+    assert pipeline.fail_stale_uploads(replace(settings, upload_timeout_seconds=1)) == 1
+    job = client.get(f"/api/v1/jobs/{parts_job}").get_json()
+    assert job["status"] == "failed" and "never finished" in job["error"]
+    assert job["counts"] == {"total": 3, "scored": 0, "failed": 3}
+    results = client.get(f"/api/v1/jobs/{parts_job}/results").get_json()["results"]
+    assert all(r["status"] == "failed" and "never finished" in r["error"] for r in results)
+    started = client.client.post(f"/api/v1/jobs/{parts_job}/start", headers=client.headers())
+    assert started.status_code == 409
