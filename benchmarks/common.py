@@ -183,9 +183,11 @@ class ProcessMonitor:
     """Samples groups of processes in a thread: peak summed RSS (and PSS, every 10th sample), each process's
     VmHWM, CPU seconds used."""
 
-    def __init__(self, groups: dict[str, Callable[[], Iterable[int]]], interval: float = 0.1) -> None:
+    def __init__(self, groups: dict[str, Callable[[], Iterable[int]]], interval: float = 0.1,
+                 pss: bool = True) -> None:
         self.groups = groups
         self.interval = interval
+        self.pss = pss
         self.peak_sum_kb: dict[str, int] = dict.fromkeys(groups, 0)
         self.peak_pss_kb: dict[str, int] = dict.fromkeys(groups, 0)
         self._samples = 0
@@ -214,7 +216,7 @@ class ProcessMonitor:
         for group, pids_of in self.groups.items():
             total = 0
             pids = list(pids_of())
-            if self._samples % 10 == 1:
+            if self.pss and self._samples % 10 == 1:
                 self.peak_pss_kb[group] = max(self.peak_pss_kb[group], sum(proc_pss_kb(p) for p in pids))
             for pid in pids:
                 status = proc_status(pid)

@@ -214,6 +214,13 @@ class Deployment:
             result = create_job(session, storage, clinic, files, None, self.settings, "benchmark", finalize=True)
             return result.job.id
 
+    def connect_broker(self) -> None:
+        """Open this process's broker connection ahead of a timed enqueue."""
+        from worker.celery_app import celery_for
+
+        with celery_for(self.settings).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=3)
+
     def enqueue(self, job_id: str) -> int:
         """Send a committed job's chunks to the workers; return the number of chunks."""
         from skinscan.db import session_scope

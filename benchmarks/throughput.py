@@ -134,7 +134,7 @@ def _monitor(run: Run, dep: Any, worker: Any, web: Any = None) -> ProcessMonitor
               "benchmark_client": lambda: [os.getpid()]}
     if web is not None:
         groups["web"] = web.pids
-    return ProcessMonitor(groups)
+    return ProcessMonitor(groups, interval=0.25, pss=False)  # CPU accounting only: keep the sampler light
 
 
 def _cpu_per_image(monitor: ProcessMonitor, images: int) -> dict[str, float]:
@@ -162,6 +162,7 @@ def section_paths(run: Run) -> None:
         _warm_up(run, dep, client)
         if 3 in run.args.section_set:
             job = dep.store_job(run.images)
+            dep.connect_broker()
             with _monitor(run, dep, worker) as mon:
                 t0 = time.time()
                 dep.enqueue(job)
@@ -171,7 +172,6 @@ def section_paths(run: Run) -> None:
                 "images": n, "scored": state["scored"], "failed": state["failed"], "seconds": round(seconds, 2),
                 "img_s": round(state["scored"] / seconds, 1), "chunk_size": dep.settings.chunk_size,
                 "cpu_ms_per_image": _cpu_per_image(mon, n),
-                "worker_rss": mon.report("worker"),
             }
         if 4 in run.args.section_set:
             with _monitor(run, dep, worker, web) as mon:
@@ -339,7 +339,8 @@ def report(run: Run, fig: dict[str, Any], tgt: dict[str, Any], machine: dict[str
              ("   web peak RSS", _fmt(fig["web_peak_rss_mb"]), "MB by job size"),
              ("   status poll p99", _fmt(fig["poll_p99_ms"]), f"ms, {run.args.pollers} pollers")]
     verdict = {True: "met", False: "NOT met", None: "-"}
-    rows += [(f"target {k}", _fmt(v["value"]), f"{v['target']}: {verdict[v['met']]}") for k, v in tgt.items()]
+    rows += [(f"target {k}", "-" if v["value"] is None else f"{v['value']:.2f}", f"{v['target']}: {verdict[v['met']]}")
+             for k, v in tgt.items()]
     gpu = ", ".join(machine["gpus"]) or "no GPU"
     print_table(f"SkinScan throughput: {machine['cpu_count']} CPUs ({machine['cpu_model']}), {gpu}; "
                 f"bundle {run.bundle.name}", rows)

@@ -110,6 +110,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     concurrency = args.concurrency or gpus or cores
     if not settings.threads and not gpus:
         os.environ["SKINSCAN_THREADS"] = str(max(1, cores // concurrency))
+    if settings.worker_nice > 0:
+        # Batch scoring yields the CPU to whatever shares the machine (the web's requests, the database):
+        # status polls stay fast while a job runs, and the worker still gets every cycle nobody else wants.
+        os.nice(settings.worker_nice)
     from worker.celery_app import celery_app
 
     celery_app.worker_main(["worker", "--queues", args.queues, "--concurrency", str(concurrency),

@@ -47,6 +47,7 @@ class Settings:
     backend: str = "auto"
     threads: int = 0
     decode_workers: int = 0
+    worker_nice: int = 10
     max_files: int = 10_000
     max_file_bytes: int = 50 * 1024 * 1024
     max_upload_bytes: int = 4 * 1024 * 1024 * 1024
@@ -110,6 +111,7 @@ def load_settings() -> Settings:
         backend=os.environ.get("SKINSCAN_BACKEND", "auto"),
         threads=_int("SKINSCAN_THREADS", 0),
         decode_workers=_int("SKINSCAN_DECODE_WORKERS", 0),
+        worker_nice=_int("SKINSCAN_WORKER_NICE", 10),
         max_files=_int("SKINSCAN_MAX_FILES", 10_000),
         max_file_bytes=_int("SKINSCAN_MAX_FILE_BYTES", 50 * 1024 * 1024),
         max_upload_bytes=_int("SKINSCAN_MAX_UPLOAD_BYTES", 4 * 1024 * 1024 * 1024),

@@ -81,16 +81,24 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
     if not postgres_available():
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (CI starts it; see README)")
     try:
-        client = redis.Redis.from_url(f"{REDIS_BASE}/9", socket_connect_timeout=2)
-        client.flushdb()
+        claims = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=2)
+        claims.ping()
     except redis.RedisError:
         pytest.skip("Redis is not reachable at 127.0.0.1:6379 (CI starts it; see README)")
+    # A Redis database of its own, so test runs side by side never take each other's tasks.
+    claim = next((f"skinscan-test:redis-db:{n}" for n in range(1, 10)
+                  if claims.set(f"skinscan-test:redis-db:{n}", str(os.getpid()), nx=True, ex=3600)), None)
+    if claim is None:
+        pytest.fail("Redis databases 1..9 are all claimed by other test runs")
+    redis_url = f"{REDIS_BASE}/{claim.rsplit(':', 1)[1]}"
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
     db = PostgresDatabase()
     proxy = TcpProxy(moto.port)
     bucket = f"skinscan-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ)
     env.update({
-        "DATABASE_URL": db.url, "REDIS_URL": f"{REDIS_BASE}/9", "S3_BUCKET": bucket,
+        "DATABASE_URL": db.url, "REDIS_URL": redis_url, "S3_BUCKET": bucket,
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
         "SKINSCAN_DATA_DIR": str(tmp_path / "data"), "SKINSCAN_MODEL": str(service_bundle),
@@ -100,7 +108,7 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
     env.pop("SKINSCAN_ENV", None)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(name, env[name])  # boto3 in this process reads them from the environment
-    st = Stack(env=env, tmp=tmp_path, db=db, s3_proxy=proxy, redis_url=f"{REDIS_BASE}/9")
+    st = Stack(env=env, tmp=tmp_path, db=db, s3_proxy=proxy, redis_url=redis_url)
     settings = st.settings()
     from skinscan.migrate import upgrade
     from skinscan.storage import S3Storage
@@ -116,6 +124,7 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
     proxy.close()
     db.close()
     client.flushdb()
+    claims.delete(claim)
 
 
 @dataclass
