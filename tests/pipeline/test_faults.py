@@ -144,12 +144,15 @@ def test_worker_killed_twice_mid_job(lab, spawn, job_files) -> None:  # type: ig
     worker = lab.worker()
     client, job_id = submit(lab, job_files)
     killed: set[str] = set()
+    floor = 16
     for _ in range(2):
-        claimed = wait_for(lambda done=frozenset(killed): in_flight(settings, job_id) - done, 180,
-                           "a chunk in flight", 0.05)
+        # Kill only after some chunks were scored, and while the worker holds one (claimed, not written).
+        claimed = wait_for(lambda done=frozenset(killed), floor=floor: scored(settings, job_id) >= floor
+                           and in_flight(settings, job_id) - done, 600, "a chunk in flight mid-job", 0.05)
         worker.kill()
         killed |= claimed
-        assert scored(settings, job_id) < N_IMAGES
+        floor = scored(settings, job_id) + 8
+        assert floor - 8 < N_IMAGES
         worker = lab.worker()
     job = client.wait(job_id, timeout=600)
     assert job["status"] == "done", job
@@ -208,6 +211,7 @@ def test_postgres_restarted_mid_job(lab, private_pg, job_files) -> None:  # type
     lab.worker()
     client, job_id = submit(lab, job_files)
     wait_for(lambda: scored(settings, job_id) >= 16, 600, "two chunks scored")
+    assert scored(settings, job_id) < N_IMAGES
     private_pg.restart(down_for=3.0)
     job = client.wait(job_id, timeout=600)
     assert job["status"] == "done", job
