@@ -11,13 +11,12 @@ import struct
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from private_services import Client, RedisServer, make_client, rewire, settings_with
+from private_services import Client, make_client, settings_with
 from sqlalchemy import func, select
 
 from skinscan.db import session_scope
@@ -53,22 +52,6 @@ def make_zip(members: dict[str, bytes], compresslevel: int = 6) -> bytes:
             else:
                 zf.writestr(name, data)
     return out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A private Redis for this module's workers (the shared one is flushed by other test sessions)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def lab(stack, redis_server):  # type: ignore[no-untyped-def]
-    """The stack with its broker on the private Redis."""
-    redis_server.flush()
-    rewire(stack, redis_url=redis_server.url)
-    return stack
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +169,12 @@ def odd_batch(good: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], d
     return files, expect
 
 
-def test_odd_batch_each_file_gets_a_clear_outcome(lab, ham_images) -> None:  # type: ignore[no-untyped-def]
+def test_odd_batch_each_file_gets_a_clear_outcome(stack, ham_images) -> None:  # type: ignore[no-untyped-def]
     """One job with every odd file and good ones: refusals name their reason, the rest is scored exactly once."""
     files, expect = odd_batch(ham_images)
-    settings = lab.settings()
+    settings = stack.settings()
     client = make_client(settings)
-    lab.worker()
+    stack.worker()
     resp = client.submit(files)
     assert resp.status_code == 202, resp.get_json()
     body = resp.get_json()
@@ -249,9 +232,9 @@ def test_odd_batch_each_file_gets_a_clear_outcome(lab, ham_images) -> None:  # t
     assert np.abs(upright - original).mean() < 6
 
 
-def test_unsupported_types_alone_answer_415(lab) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_types_alone_answer_415(stack) -> None:  # type: ignore[no-untyped-def]
     """An upload of only HEIC and SVG files is refused as a whole with 415, naming each file."""
-    client = make_client(lab.settings())
+    client = make_client(stack.settings())
     resp = client.submit([("photo.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64),
                           ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>')])
     assert resp.status_code == 415
@@ -260,7 +243,7 @@ def test_unsupported_types_alone_answer_415(lab) -> None:  # type: ignore[no-unt
     assert all(d["status"] == 415 for d in body["details"])
     empty = client.submit([])
     assert empty.status_code == 400 and "no files" in empty.get_json()["error"]
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
 
 LABEL_CASES = [
@@ -278,9 +261,9 @@ LABEL_CASES = [
 
 
 @pytest.mark.parametrize(("labels", "line", "reason"), [c[1:] for c in LABEL_CASES], ids=[c[0] for c in LABEL_CASES])
-def test_bad_labels_file_answers_400_naming_the_line(lab, ham_images, labels, line, reason) -> None:  # type: ignore[no-untyped-def]
+def test_bad_labels_file_answers_400_naming_the_line(stack, ham_images, labels, line, reason) -> None:  # type: ignore[no-untyped-def]
     """A labels CSV with wrong columns, unknown ids or invalid values is refused: 400, the line and why."""
-    client = make_client(lab.settings())
+    client = make_client(stack.settings())
     resp = client.submit(ham_images[:2], labels)
     assert resp.status_code == 400, resp.get_json()
     body = resp.get_json()
@@ -288,38 +271,38 @@ def test_bad_labels_file_answers_400_naming_the_line(lab, ham_images, labels, li
     if line is not None:
         assert f"line {line}" in body["error"]
         assert body["details"][0]["line"] == line
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
 
-def test_upload_limits_are_configurable_and_answer_413(lab, ham_images) -> None:  # type: ignore[no-untyped-def]
+def test_upload_limits_are_configurable_and_answer_413(stack, ham_images) -> None:  # type: ignore[no-untyped-def]
     """SKINSCAN_MAX_FILES, SKINSCAN_MAX_FILE_BYTES and SKINSCAN_MAX_UPLOAD_BYTES refuse with 413 and keep nothing."""
     small = max(len(b) for _, b in ham_images[:3])
-    settings = settings_with(lab, SKINSCAN_MAX_FILES="3", SKINSCAN_MAX_FILE_BYTES=str(small),
+    settings = settings_with(stack, SKINSCAN_MAX_FILES="3", SKINSCAN_MAX_FILE_BYTES=str(small),
                              SKINSCAN_MAX_UPLOAD_BYTES=str(small * 8))
     assert (settings.max_files, settings.max_file_bytes, settings.max_upload_bytes) == (3, small, small * 8)
     client = make_client(settings)
 
     too_many = client.submit(ham_images[:4])
     assert too_many.status_code == 413 and "more than 3 files" in too_many.get_json()["error"]
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
     in_zip = client.submit([("four.zip", make_zip(dict(ham_images[:4])))])
     assert in_zip.status_code == 413 and "more than 3 files" in in_zip.get_json()["error"]
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
     too_big_request = client.submit(ham_images[:2] + [("big.jpg", b"\xff\xd8" + b"\0" * (small * 8))])
     assert too_big_request.status_code == 413
     assert f"{small * 8:,}" in too_big_request.get_json()["error"]
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
     big = ("big.jpg", ham_images[0][1] + b"\0" * (small + 1 - len(ham_images[0][1])))
     only_big = client.submit([big])
     assert only_big.status_code == 413 and only_big.get_json()["details"][0]["filename"] == "big.jpg"
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
     expands = client.submit([("expands.zip", make_zip({"a.jpg": b"\0" * (small * 9)}, compresslevel=9))])
     assert expands.status_code == 413 and "expands to" in expands.get_json()["details"][0]["error"]
-    assert_nothing_kept(lab, client)
+    assert_nothing_kept(stack, client)
 
     mixed = client.submit(ham_images[:2] + [big])
     assert mixed.status_code == 202

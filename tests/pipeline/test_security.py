@@ -8,14 +8,13 @@ import inspect
 import io
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, PngImagePlugin
-from private_services import Client, RedisServer, make_client, rewire
+from private_services import Client, make_client
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select, text
 
@@ -35,22 +34,6 @@ def ham_images(ham_dir: Path) -> list[tuple[str, bytes]]:
     """Eight real HAM10000 images as (name, bytes)."""
     paths = sorted((ham_dir / "images").glob("ISIC_*.jpg"))[2000:2008]
     return [(p.name, p.read_bytes()) for p in paths]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A private Redis for this module (broker and rate-limit counters)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def lab(stack, redis_server):  # type: ignore[no-untyped-def]
-    """The stack on the private Redis."""
-    redis_server.flush()
-    rewire(stack, redis_url=redis_server.url)
-    return stack
 
 
 def score_in_process(settings: Any, job_id: str) -> None:
@@ -76,12 +59,12 @@ def all_text_in_database(settings: Any) -> str:
 
 # --- secrets ---------------------------------------------------------------------------------------------------
 
-def test_keys_and_passwords_are_stored_hashed(lab) -> None:  # type: ignore[no-untyped-def]
+def test_keys_and_passwords_are_stored_hashed(stack) -> None:  # type: ignore[no-untyped-def]
     """No plaintext API key or password is anywhere in the database; keys compare in constant time."""
     from skinscan.models import User
     from skinscan.security import clinic_for_key, hash_password, verify_password
 
-    settings = lab.settings()
+    settings = stack.settings()
     client = make_client(settings)
     password = "correct horse battery staple 9"
     with session_scope(settings) as session:
@@ -100,12 +83,12 @@ def test_keys_and_passwords_are_stored_hashed(lab) -> None:  # type: ignore[no-u
     assert client.get("/api/v1/jobs").status_code == 200
 
 
-def test_production_refuses_the_default_secret_key(lab, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_production_refuses_the_default_secret_key(stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """SKINSCAN_ENV=production without SECRET_KEY: create_app raises ConfigError; with one it starts with HSTS."""
     from skinscan.settings import ConfigError, load_settings
     from web import create_app
 
-    for name, value in lab.env.items():
+    for name, value in stack.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SKINSCAN_ENV", "production")
     monkeypatch.delenv("SECRET_KEY", raising=False)
@@ -137,10 +120,10 @@ def fill(rule: str, values: dict[str, str]) -> str:
     return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", lambda m: values[m.group(1)], rule)
 
 
-def test_clinics_cannot_reach_each_others_data(lab, ham_images) -> None:  # type: ignore[no-untyped-def]
+def test_clinics_cannot_reach_each_others_data(stack, ham_images) -> None:  # type: ignore[no-untyped-def]
     """Clinic B gets 404 on every API call naming clinic A's job or image, sees none of A's data in any listing,
     and cannot add images to or start A's job; calls without a key get 401."""
-    settings = lab.settings()
+    settings = stack.settings()
     a = make_client(settings, "clinic-a")
     b = make_client(settings, "clinic-b")
     done = a.submit(ham_images[:3]).get_json()["id"]
@@ -196,10 +179,10 @@ def _app_client(settings: Any, key: str) -> Client:
     return Client(create_app(settings).test_client(), key, "", settings)
 
 
-def test_rate_limit_is_shared_through_redis(lab) -> None:  # type: ignore[no-untyped-def]
+def test_rate_limit_is_shared_through_redis(stack) -> None:  # type: ignore[no-untyped-def]
     """Over the limit a key gets 429 JSON with Retry-After, in every web process sharing Redis; other keys and
     the health checks are not affected; requests with bad keys count against the address."""
-    settings = replace(lab.settings(), rate_limit_per_minute=5)
+    settings = replace(stack.settings(), rate_limit_per_minute=5)
     assert settings.redis_url
     a = make_client(settings)
     b = make_client(settings)
@@ -221,15 +204,15 @@ def test_rate_limit_is_shared_through_redis(lab) -> None:  # type: ignore[no-unt
     assert bad[:5] == [401] * 5 and bad[5:] == [429, 429]
 
 
-def test_rate_limit_embedded_is_in_process_and_fails_open(lab, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_rate_limit_embedded_is_in_process_and_fails_open(stack) -> None:  # type: ignore[no-untyped-def]
     """Without Redis each app counts in memory; if Redis is unreachable requests are served, not refused."""
-    settings = replace(lab.settings(), redis_url=None, rate_limit_per_minute=3)
+    settings = replace(stack.settings(), redis_url=None, rate_limit_per_minute=3)
     a = make_client(settings)
     second = _app_client(settings, a.key)
     _fresh_window()
     assert [a.get("/api/v1/jobs").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert second.get("/api/v1/jobs").status_code == 200  # another process has its own counters
-    unreachable = replace(lab.settings(), redis_url="redis://127.0.0.1:1/0", rate_limit_per_minute=1)
+    unreachable = replace(stack.settings(), redis_url="redis://127.0.0.1:1/0", rate_limit_per_minute=1)
     down = _app_client(unreachable, a.key)
     assert [down.get("/api/v1/jobs").status_code for _ in range(3)] == [200] * 3
     off = _app_client(replace(settings, rate_limit_per_minute=0), a.key)
@@ -238,9 +221,9 @@ def test_rate_limit_embedded_is_in_process_and_fails_open(lab, redis_server) -> 
 
 # --- headers ---------------------------------------------------------------------------------------------------
 
-def test_security_headers_on_every_kind_of_answer(lab) -> None:  # type: ignore[no-untyped-def]
+def test_security_headers_on_every_kind_of_answer(stack) -> None:  # type: ignore[no-untyped-def]
     """JSON answers, errors and the health check all carry the security headers."""
-    client = make_client(lab.settings())
+    client = make_client(stack.settings())
     answers = [client.get("/api/v1/jobs"), client.get("/api/v1/jobs/nope"), client.client.get("/api/v1/jobs"),
                client.client.get("/healthz"), client.client.get("/api/v1/openapi.json"),
                client.client.post("/api/v1/jobs/x/start")]
@@ -257,12 +240,12 @@ def test_security_headers_on_every_kind_of_answer(lab) -> None:  # type: ignore[
 
 # --- privacy ---------------------------------------------------------------------------------------------------
 
-def test_no_file_names_in_logs(lab, ham_images, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_no_file_names_in_logs(stack, ham_images, caplog) -> None:  # type: ignore[no-untyped-def]
     """Patient-identifying file names never appear in the web's or the worker's log at INFO."""
     caplog.set_level(logging.INFO)
-    settings = lab.settings()
+    settings = stack.settings()
     client = make_client(settings)
-    worker = lab.worker()
+    worker = stack.worker()
     files = [(PATIENT_NAMES[0], ham_images[0][1]),
              (PATIENT_NAMES[1], _png(Image.open(io.BytesIO(ham_images[1][1])))),
              (PATIENT_NAMES[2], b"free text about the patient"),
@@ -289,11 +272,11 @@ def _png(img: Image.Image, info: PngImagePlugin.PngInfo | None = None) -> bytes:
     return out.getvalue()
 
 
-def test_identifying_metadata_is_removed_before_storage(lab, ham_images) -> None:  # type: ignore[no-untyped-def]
+def test_identifying_metadata_is_removed_before_storage(stack, ham_images) -> None:  # type: ignore[no-untyped-def]
     """A JPEG with EXIF GPS, date and camera serial and a PNG with text chunks are stored without them."""
     from skinscan.storage import S3Storage
 
-    settings = lab.settings()
+    settings = stack.settings()
     client = make_client(settings)
     base = Image.open(io.BytesIO(ham_images[0][1]))
     exif = Image.Exif()
@@ -331,10 +314,10 @@ def test_identifying_metadata_is_removed_before_storage(lab, ham_images) -> None
 
 # --- audit -----------------------------------------------------------------------------------------------------
 
-def test_audit_trail_records_create_view_export(lab, ham_images) -> None:  # type: ignore[no-untyped-def]
+def test_audit_trail_records_create_view_export(stack, ham_images) -> None:  # type: ignore[no-untyped-def]
     """Creating a job, viewing its results and metrics and exporting CSV each leave an audit row; so does the
     first model put in production."""
-    settings = lab.settings()
+    settings = stack.settings()
     client = make_client(settings, "audited-clinic")
     job_id = client.submit(ham_images[:2]).get_json()["id"]
     score_in_process(settings, job_id)
