@@ -14,7 +14,17 @@ from skinscan.storage import StorageError
 from web.auth import require_api_key
 from web.context import db, settings, storage
 from web.errors import ApiError
-from web.intake import UploadError, add_images, apply_labels, create_job, finalize_job, iter_files, parse_labels
+from web.intake import (
+    UploadError,
+    add_images,
+    apply_labels,
+    create_job,
+    discard_stored,
+    enqueue_committed,
+    finalize_job,
+    iter_files,
+    parse_labels,
+)
 from web.results import iter_csv, job_images, job_summary, rows_for
 
 log = logging.getLogger(__name__)
@@ -54,23 +64,8 @@ def _labels_bytes() -> bytes | None:
     return labels.read(10 * 1024 * 1024) if labels else None
 
 
-def _discard_stored(session: Any) -> None:
-    keys = [o.storage_key for o in list(session) if isinstance(o, Image) and o.storage_key]
-    session.rollback()
-    for key in keys:
-        try:
-            storage().delete(key)
-        except Exception:  # noqa: BLE001 - best effort; the object is unreachable without a row
-            log.warning("could not remove an orphaned object after a refused upload")
 
 
-def _enqueue(job: Job) -> None:
-    from worker.dispatch import enqueue_job
-
-    try:
-        enqueue_job(db(), job.id, settings())
-    except Exception:  # noqa: BLE001 - the job is committed; the stalled-job sweeper sends it later
-        log.exception("job %s committed but not enqueued; it will be requeued", job.id)
 
 
 def _created(job: Job, accepted: int, rejected: list[Any]) -> tuple[Response, int]:
@@ -92,13 +87,13 @@ def create():  # type: ignore[no-untyped-def]
                             g.actor, finalize=finalize)
         session.commit()
     except UploadError as exc:
-        _discard_stored(session)
+        discard_stored(session, storage())
         raise ApiError(str(exc), exc.status, exc.details) from None
     except StorageError:
-        _discard_stored(session)
+        discard_stored(session, storage())
         raise ApiError(STORAGE_DOWN, 503) from None
     if finalize:
-        _enqueue(result.job)
+        enqueue_committed(db(), result.job, settings())
     log.info("job %s created: %d images accepted, %d refused", result.job.id, result.accepted,
              len(result.rejected))
     return _created(result.job, result.accepted, result.rejected)
@@ -118,10 +113,10 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
                                         settings(), start=start)
         session.commit()
     except UploadError as exc:
-        _discard_stored(session)
+        discard_stored(session, storage())
         raise ApiError(str(exc), exc.status, exc.details) from None
     except StorageError:
-        _discard_stored(session)
+        discard_stored(session, storage())
         raise ApiError(STORAGE_DOWN, 503) from None
     return _created(job, accepted, rejected)
 
@@ -145,7 +140,7 @@ def start(job_id: str):  # type: ignore[no-untyped-def]
         raise ApiError("the job has no accepted images", 400)
     finalize_job(session, job)
     session.commit()
-    _enqueue(job)
+    enqueue_committed(db(), job, settings())
     return jsonify(job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))), 202
 
 

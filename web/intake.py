@@ -235,3 +235,24 @@ def finalize_job(session: Session, job: Job) -> None:
     job.scored = 0
     job.status = "queued"
     job.updated_at = utcnow()
+
+
+def discard_stored(session: Session, storage: Storage) -> None:
+    """Roll back a refused upload and remove the objects it already stored (best effort)."""
+    keys = [o.storage_key for o in list(session) if isinstance(o, Image) and o.storage_key]
+    session.rollback()
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:  # noqa: BLE001 - without a row the object is unreachable anyway
+            log.warning("could not remove an orphaned object after a refused upload")
+
+
+def enqueue_committed(session: Session, job: Job, settings: Settings) -> None:
+    """Send a committed job's chunks to the workers; a broker outage is logged (the stalled-job sweeper resends)."""
+    from worker.dispatch import enqueue_job
+
+    try:
+        enqueue_job(session, job.id, settings)
+    except Exception:  # noqa: BLE001 - the job is committed; it is requeued later
+        log.exception("job %s committed but not enqueued; it will be requeued", job.id)

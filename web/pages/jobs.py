@@ -16,7 +16,7 @@ from skinscan.labels import CLASSES, MALIGNANT
 from skinscan.models import Image, Job, JobMetrics, Prediction
 from web.context import db, settings, storage
 from web.errors import wants_json
-from web.intake import UploadError, create_job
+from web.intake import UploadError, create_job, discard_stored, enqueue_committed
 from web.pages.auth import login_required
 from web.pages.common import int_arg, page_blueprint
 from web.pages.table import (
@@ -66,25 +66,8 @@ def new():  # type: ignore[no-untyped-def]
     return render_template("new_job.html", limits=settings())
 
 
-def _discard_stored(session: Session) -> None:
-    """Roll back a refused upload and remove the objects it already stored."""
-    keys = [o.storage_key for o in list(session) if isinstance(o, Image) and o.storage_key]
-    session.rollback()
-    for key in keys:
-        try:
-            storage().delete(key)
-        except Exception:  # noqa: BLE001 - best effort; without a row the object is unreachable
-            log.warning("could not remove an orphaned object after a refused upload")
 
 
-def _enqueue(job: Job) -> None:
-    """Send the committed job's chunks to the workers (the stalled-job sweeper covers a broker outage)."""
-    from worker.dispatch import enqueue_job
-
-    try:
-        enqueue_job(db(), job.id, settings())
-    except Exception:  # noqa: BLE001 - the job is committed; it is requeued later
-        log.exception("job %s committed but not enqueued; it will be requeued", job.id)
 
 
 def _upload_refused(message: str, status: int, details: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
@@ -109,9 +92,9 @@ def create():  # type: ignore[no-untyped-def]
         result = create_job(session, storage(), g.clinic, files, labels_bytes, settings(), g.actor)
         session.commit()
     except UploadError as exc:
-        _discard_stored(session)
+        discard_stored(session, storage())
         return _upload_refused(str(exc), exc.status, exc.details)
-    _enqueue(result.job)
+    enqueue_committed(db(), result.job, settings())
     job_url = url_for("jobs.show", job_id=result.job.id)
     rejected = [r.__dict__ for r in result.rejected]
     log.info("job %s created from the pages: %d accepted, %d refused", result.job.id, result.accepted,
