@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import torchvision
 from skinscan.cli import main
 from skinscan.labels import CLASSES
 from training.bundle import BundleError, create_model, load_bundle
+from training.splits import read_splits
+from training.train import TrainConfig, _prepare
 
 BUNDLE_KEYS = (
     "architecture", "classes", "input_size", "resize_size", "mean", "std", "temperature", "version",
@@ -117,3 +120,46 @@ def test_pretrained_local_file(tmp_path: Path) -> None:
     assert torch.equal(wrapped.state_dict()["features.0.0.weight"], saved["features.0.0.weight"])
     with pytest.raises(BundleError, match="does not fit regnet_y_400mf"):
         create_model("regnet_y_400mf", len(CLASSES), path)
+
+
+def test_extra_training_sets_never_touch_held_out_images(
+    tmp_path: Path, make_ham_subset: Callable[..., Path], isic2017_dir: Path
+) -> None:
+    """Another collection joins training only; its duplicates of held-out or validation/test images do not."""
+    ham = make_ham_subset(tmp_path / "ham", 40)
+    ham_ids = sorted(p.stem for p in (ham / "images").iterdir())
+    split_file = tmp_path / "given-splits.csv"
+    given = {image_id: ("test" if i % 4 == 0 else "val" if i % 4 == 1 else "train")
+             for i, image_id in enumerate(ham_ids)}
+    with split_file.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "lesion_id", "group", "label", "split"])
+        writer.writerows([image_id, image_id, image_id, "nv", sp] for image_id, sp in given.items())
+    # A folder-per-class set holding a renamed copy of a HAM10000 test image and of a training image.
+    extra_folders = tmp_path / "clinic"
+    (extra_folders / "nv").mkdir(parents=True)
+    test_id, train_id = ham_ids[0], ham_ids[2]
+    shutil.copy(ham / "images" / f"{test_id}.jpg", extra_folders / "nv" / "copy_of_test.jpg")
+    shutil.copy(ham / "images" / f"{train_id}.jpg", extra_folders / "nv" / "copy_of_train.jpg")
+
+    val_csv = isic2017_dir / "ISIC-2017_Validation_Part3_GroundTruth.csv"
+    test_csv = isic2017_dir / "ISIC-2017_Test_v2_Part3_GroundTruth.csv"
+    cfg = TrainConfig(data=str(ham), out=str(tmp_path / "run"), input_size=32, splits=str(split_file),
+                      extra_train=[str(val_csv), str(extra_folders)], holdout=[str(test_csv)])
+    (tmp_path / "run").mkdir()
+    dataset, images, splits = _prepare(cfg, tmp_path / "run")
+
+    split_of = {s.image_id: sp for s, sp in zip(dataset.samples, splits, strict=True)}
+    assert len(images) == len(dataset.samples) == len(splits)
+    assert all(split_of[i] == given[i] for i in ham_ids)  # the given split of the main set is kept
+    # ISIC 2017 validation: all train, except the image the official test split duplicates (ISIC_0016002).
+    with val_csv.open(newline="") as fh:
+        val_ids = [row["image_id"] for row in csv.DictReader(fh)]
+    assert "ISIC_0012221" not in split_of
+    assert all(split_of[i] == "train" for i in val_ids if i != "ISIC_0012221")
+    labels = {s.image_id: s.label for s in dataset.samples}
+    assert {labels[i] for i in val_ids if i in labels} == {"mel", "bkl", "nv"}
+    # The copy of a test image is kept out of training; the copy of a training image trains.
+    assert split_of["copy_of_test"] == "unused" and split_of["copy_of_train"] == "train"
+    written = read_splits(tmp_path / "run" / "splits.csv")
+    assert written == split_of

@@ -9,7 +9,7 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,14 @@ from training.bundle import create_model, save_bundle
 from training.calibration import fit_temperature, referral_threshold, softmax
 from training.datasets import Dataset, Sample, read_dataset
 from training.metrics import classification_report
-from training.splits import dhash, duplicate_groups, make_splits, read_splits, write_splits
+from training.splits import (
+    KNOWN_DUPLICATES,
+    dhash,
+    duplicate_groups,
+    make_splits,
+    read_splits,
+    write_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,10 @@ class TrainConfig:
     splits: str | None = None  # reuse an existing split CSV
     referral_sensitivity: float = 0.95
     version: str | None = None
+    # Other collections whose every image joins the training split (e.g. ISIC 2017's official training part),
+    # and held-out sets whose images (and near-duplicates of them) must never be trained on.
+    extra_train: list[str] = field(default_factory=list)
+    holdout: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.resize_size:
@@ -158,6 +169,18 @@ def _lr_at(step: float, total: float, warmup: float, base: float) -> float:
     return base * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
 
 
+def _holdout_keys(paths: list[str], resize_size: int) -> tuple[set[int], set[str]]:
+    """Return the image hashes and ids (with their known twins) of held-out sets, so training can avoid them."""
+    twins = {a: b for a, b in KNOWN_DUPLICATES} | {b: a for a, b in KNOWN_DUPLICATES}
+    hashes: set[int] = set()
+    ids: set[str] = set()
+    for path in paths:
+        for s in tqdm(read_dataset(path).samples, desc=f"hashing {Path(path).name}", unit="img", mininterval=2):
+            hashes.add(dhash(decode_rgb(s.path.read_bytes(), draft_size=resize_size)))
+            ids.update({s.image_id, twins.get(s.image_id, s.image_id)})
+    return hashes, ids
+
+
 def _prepare(cfg: TrainConfig, run: Path) -> tuple[Dataset, np.ndarray, list[str]]:
     dataset = read_dataset(cfg.data)
     samples = dataset.samples
@@ -165,22 +188,34 @@ def _prepare(cfg: TrainConfig, run: Path) -> tuple[Dataset, np.ndarray, list[str
         rng = random.Random(cfg.seed)
         samples = rng.sample(samples, min(cfg.limit, len(samples)))
         dataset = Dataset(dataset.name, dataset.format, samples, dataset.known_labels)
-    images, hashes = load_images(samples, cfg.resize_size)
+    extra = [s for path in cfg.extra_train for s in read_dataset(path).samples]
+    n_main = len(samples)
+    images, hashes = load_images(samples + extra, cfg.resize_size)
+    if extra:
+        held_hashes, held_ids = _holdout_keys(cfg.holdout, cfg.resize_size)
+        keep = [i for i, s in enumerate(extra)
+                if hashes[n_main + i] not in held_hashes and s.image_id not in held_ids]
+        log.info("extra training images: %d of %d kept (%d match a held-out image)",
+                 len(keep), len(extra), len(extra) - len(keep))
+        rows = np.concatenate([np.arange(n_main), n_main + np.array(keep, dtype=int)])
+        images, hashes = images[rows], [hashes[i] for i in rows]
+        extra = [extra[i] for i in keep]
+    every = samples + extra
+    groups = duplicate_groups(every, hashes)
     split_file = run / "splits.csv"
-    if cfg.splits:
-        by_id = read_splits(Path(cfg.splits))
+    if cfg.splits or split_file.exists():
+        by_id = read_splits(Path(cfg.splits) if cfg.splits else split_file)
         splits = [by_id.get(s.image_id, "unused") for s in samples]
-        groups = [s.lesion_id for s in samples]
-    elif split_file.exists():
-        by_id = read_splits(split_file)
-        splits = [by_id[s.image_id] for s in samples]
-        groups = [s.lesion_id for s in samples]
     else:
-        groups = duplicate_groups(samples, hashes)
-        splits = make_splits(samples, groups, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    write_splits(split_file, samples, groups, splits)
+        splits = make_splits(samples, groups[:n_main], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    # An extra image trains only if nothing it duplicates is in validation or test.
+    not_train = {g for g, sp in zip(groups, splits, strict=False) if sp != "train"}
+    splits += ["unused" if g in not_train else "train" for g in groups[n_main:]]
+    write_splits(split_file, every, groups, splits)
+    dataset = Dataset(dataset.name, dataset.format, every, dataset.known_labels)
     counts = {sp: sum(1 for x in splits if x == sp) for sp in ("train", "val", "test")}
-    log.info("dataset %s (%s): %d images, splits %s", dataset.name, dataset.format, len(samples), counts)
+    log.info("dataset %s (%s): %d images (%d extra), splits %s", dataset.name, dataset.format, len(every),
+             len(extra), counts)
     return dataset, images, splits
 
 
@@ -328,6 +363,8 @@ def _finalize(
             "dataset": dataset.name, "format": dataset.format, "n_images": len(dataset.samples),
             "split_file": "splits.csv", "split": "lesion-grouped, stratified by diagnosis",
             "licence": "CC BY-NC-SA 4.0" if dataset.format == "ham10000" else "see dataset",
+            "extra_training_sets": [Path(p).name for p in cfg.extra_train],
+            "held_out_sets": [Path(p).name for p in cfg.holdout],
         },
         "training": {
             "best_epoch": best["epoch"], "epochs": cfg.epochs, "config": asdict(cfg), "history": history,
@@ -371,6 +408,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=0, help="use at most this many images (smoke tests)")
     parser.add_argument("--splits", default=None, help="reuse this split CSV instead of making one")
     parser.add_argument("--version", default=None, help="version string for the bundle")
+    parser.add_argument("--extra-train", action="append", default=[], metavar="DATA",
+                        help="another dataset whose every image joins the training split (repeatable)")
+    parser.add_argument("--holdout", action="append", default=[], metavar="DATA",
+                        help="a held-out set: extra images that duplicate one of its images are dropped "
+                             "(repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run folder's last checkpoint")
 
@@ -381,7 +423,7 @@ def run_from_args(args: argparse.Namespace) -> Path:
         data=args.data, out=args.out, arch=args.arch, input_size=args.input_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
         pretrained=args.pretrained, device=args.device, threads=args.threads, limit=args.limit,
-        splits=args.splits, version=args.version,
+        splits=args.splits, version=args.version, extra_train=args.extra_train, holdout=args.holdout,
     )
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
