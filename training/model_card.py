@@ -49,6 +49,22 @@ def _headline(report: dict[str, Any]) -> list[str]:
     return ["| metric | value |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows]
 
 
+def _other_data(data: dict[str, Any]) -> list[str]:
+    """Lines on the other collections a bundle was trained with, and on the held-out ISIC 2017 test split."""
+    extra = data.get("extra_training_sets") or []
+    if not extra:
+        return ["- External test: ISIC 2017 official test split (600 images, CC-0), melanoma vs rest; no image is "
+                "shared with HAM10000."]
+    return [
+        f"- Also trained on: {', '.join(f'`{name}`' for name in extra)}, every image in the training split "
+        "(ISIC 2017: melanoma -> mel, seborrheic keratosis -> bkl, the rest -> nv; CC-0). Images that duplicate "
+        f"one of the held-out sets ({', '.join(f'`{n}`' for n in data.get('held_out_sets') or []) or 'none'}) "
+        "were dropped before training (`splits.csv` lists every image used and its split).",
+        "- ISIC 2017 official test split (600 images), melanoma vs rest: held out, but no longer an external "
+        "collection, since the model saw ISIC 2017's training images; HAM10000's validation split chose the epoch.",
+    ]
+
+
 def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str = "") -> str:
     """Return the model card text for a bundle and its (title, command, report path) evaluations."""
     bundle = load_bundle(bundle_path)
@@ -87,8 +103,7 @@ def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str =
         "- Split: grouped by `lesion_id` (and by known near-duplicate images), stratified by diagnosis, seed 0: "
         "70 % train, 15 % validation, 15 % test; no lesion is in two splits (`splits.csv` in the bundle, "
         "checked by `tests/test_training_splits.py`).",
-        "- External test: ISIC 2017 official test split (600 images, CC-0), melanoma vs rest; no image is shared "
-        "with HAM10000.",
+    ] + _other_data(meta.get("training_data", {})) + [
         "",
         "## Validation (model selection and calibration only)", "",
         f"balanced accuracy {_f(val.get('balanced_accuracy'))}, macro AUC {_f(val.get('macro_auc'))}, melanoma AUC "
