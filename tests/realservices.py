@@ -6,6 +6,7 @@ moto's standalone server, started here on a free port unless SKINSCAN_TEST_S3_EN
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import shutil
@@ -16,7 +17,9 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -178,8 +181,37 @@ class TcpProxy:
         self.cut()
 
 
-class WorkerProcess:
+class ProcessGroup:
+    """A process started in its own process group (so kill() takes its children too), with its log in a file."""
+
+    stop_timeout = 20.0
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the process group."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM the process group (let it finish), then SIGKILL it if it lingers."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        """The process's output so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class WorkerProcess(ProcessGroup):
     """`skinscan worker` in its own process, with its log in a file."""
+
+    stop_timeout = 30.0
 
     def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 1, name: str = "w1",
                  queues: str = "skinscan,rescore") -> None:
@@ -196,21 +228,38 @@ class WorkerProcess:
         )
         return self
 
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool children."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
-    def stop(self) -> None:
-        """Ask the worker to finish (SIGTERM), then kill it if it lingers."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+@dataclass
+class Api:
+    """A Flask test client for one stack, with a clinic and its API key."""
 
-    def log(self) -> str:
-        """The worker's output so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    client: Any
+    key: str
+    clinic_id: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        """Authorization header for this clinic (or another key)."""
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def submit(self, files: list[tuple[str, bytes]], labels: bytes | None = None, **form: str) -> Any:
+        """POST /api/v1/jobs with files (and labels)."""
+        data: dict[str, Any] = {"files": [(io.BytesIO(b), name) for name, b in files], **form}
+        if labels is not None:
+            data["labels"] = (io.BytesIO(labels), "labels.csv")
+        return self.client.post("/api/v1/jobs", data=data, headers=self.headers(),
+                                content_type="multipart/form-data")
+
+    def get(self, path: str, key: str | None = None) -> Any:
+        """GET an API path as this clinic (or with another key)."""
+        return self.client.get(path, headers=self.headers(key))
+
+    def wait(self, job_id: str, timeout: float = 300, until: tuple[str, ...] = ("done", "failed")) -> dict[str, Any]:
+        """Poll the job until it reaches one of the given statuses."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.client.get(f"/api/v1/jobs/{job_id}", headers=self.headers()).get_json()
+            if body["status"] in until:
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {body['status']} after {timeout}s: {body}")
+            time.sleep(0.5)

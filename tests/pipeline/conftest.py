@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from realservices import REDIS_BASE, MotoS3, PostgresDatabase, TcpProxy, WorkerProcess, postgres_available
+from realservices import REDIS_BASE, Api, MotoS3, PostgresDatabase, TcpProxy, WorkerProcess, postgres_available
 
 ISIC_TEST = "ISIC-2017_Test_v2_Data"
 ISIC_TRUTH = "ISIC-2017_Test_v2_Part3_GroundTruth.csv"
@@ -125,40 +124,6 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
     db.close()
     client.flushdb()
     claims.delete(claim)
-
-
-@dataclass
-class Api:
-    """A Flask test client for one stack, with a clinic and its API key."""
-
-    client: Any
-    key: str
-    clinic_id: str
-
-    def headers(self, key: str | None = None) -> dict[str, str]:
-        """Authorization header for this clinic (or another key)."""
-        return {"Authorization": f"Bearer {key or self.key}"}
-
-    def submit(self, files: list[tuple[str, bytes]], labels: bytes | None = None, **form: str) -> Any:
-        """POST /api/v1/jobs with files (and labels)."""
-        import io
-
-        data: dict[str, Any] = {"files": [(io.BytesIO(b), name) for name, b in files], **form}
-        if labels is not None:
-            data["labels"] = (io.BytesIO(labels), "labels.csv")
-        return self.client.post("/api/v1/jobs", data=data, headers=self.headers(),
-                                content_type="multipart/form-data")
-
-    def wait(self, job_id: str, timeout: float = 300, until: tuple[str, ...] = ("done", "failed")) -> dict[str, Any]:
-        """Poll the job until it reaches one of the given statuses."""
-        deadline = time.monotonic() + timeout
-        while True:
-            body = self.client.get(f"/api/v1/jobs/{job_id}", headers=self.headers()).get_json()
-            if body["status"] in until:
-                return body
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {body['status']} after {timeout}s: {body}")
-            time.sleep(0.5)
 
 
 def make_clinic(settings: Any, name: str) -> tuple[str, str]:

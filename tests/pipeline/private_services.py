@@ -6,11 +6,9 @@ service starts its own copy on a free port and points the stack's environment at
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realservices import ROOT, free_port, wait_port
+from realservices import ROOT, Api, ProcessGroup, free_port, wait_port
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +121,7 @@ class PostgresCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class ServiceProcess:
+class ServiceProcess(ProcessGroup):
     """A `skinscan <command>` process (beat, web) in its own process group, with its output in a log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
@@ -136,25 +134,6 @@ class ServiceProcess:
             self.proc = subprocess.Popen([sys.executable, "-m", "skinscan.cli", *self.args], env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         return self
-
-    def kill(self) -> None:
-        """SIGKILL the process group."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM the process group, then SIGKILL it if it lingers."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        """The process's output so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def rewire(stack: Any, redis_url: str | None = None, database_url: str | None = None) -> None:
@@ -170,29 +149,10 @@ def rewire(stack: Any, redis_url: str | None = None, database_url: str | None = 
 
 
 @dataclass
-class Client:
+class Client(Api):
     """A Flask test client of one stack, signed in as a fresh clinic; polls that ride out service outages."""
 
-    client: Any
-    key: str
-    clinic_id: str
     settings: Any
-
-    def headers(self, key: str | None = None) -> dict[str, str]:
-        """Authorization header for this clinic (or another key)."""
-        return {"Authorization": f"Bearer {key or self.key}"}
-
-    def submit(self, files: list[tuple[str, bytes]], labels: bytes | None = None, **form: str) -> Any:
-        """POST /api/v1/jobs with files (and labels)."""
-        data: dict[str, Any] = {"files": [(io.BytesIO(b), name) for name, b in files], **form}
-        if labels is not None:
-            data["labels"] = (io.BytesIO(labels), "labels.csv")
-        return self.client.post("/api/v1/jobs", data=data, headers=self.headers(),
-                                content_type="multipart/form-data")
-
-    def get(self, path: str, key: str | None = None) -> Any:
-        """GET an API path as this clinic."""
-        return self.client.get(path, headers=self.headers(key))
 
     def wait(self, job_id: str, timeout: float = 300, until: tuple[str, ...] = ("done", "failed")) -> dict[str, Any]:
         """Poll the job until it reaches one of the statuses; answers other than 200 (an outage) are retried."""

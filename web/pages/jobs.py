@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response, abort, flash, g, jsonify, redirect, render_template, request, stream_with_context, url_for
@@ -166,17 +166,22 @@ def status(job_id: str):  # type: ignore[no-untyped-def]
     return jsonify(job_summary(clinic_job(job_id)))
 
 
+def _export(job_id: str, fmt: str, mimetype: str, rows: Callable[[Session, Job], Iterator[str]]) -> Response:
+    """Audit an export of the clinic's job and stream it as a download."""
+    job = clinic_job(job_id)
+    session = db()
+    audit.record(session, "job.export", g.actor, job.clinic_id, "job", job.id, {"format": fmt, "via": "pages"})
+    session.commit()
+    response = Response(stream_with_context(rows(session, job)), mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.{fmt}"'
+    return response
+
+
 @bp.get("/jobs/<job_id>/results.csv")
 @login_required
 def export_csv(job_id: str):  # type: ignore[no-untyped-def]
     """Every row of the job as CSV (streamed)."""
-    job = clinic_job(job_id)
-    session = db()
-    audit.record(session, "job.export", g.actor, job.clinic_id, "job", job.id, {"format": "csv", "via": "pages"})
-    session.commit()
-    response = Response(stream_with_context(iter_csv(session, job)), mimetype="text/csv")
-    response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.csv"'
-    return response
+    return _export(job_id, "csv", "text/csv", iter_csv)
 
 
 def _iter_json(session: Session, job: Job, page: int = 500) -> Iterator[str]:
@@ -197,10 +202,4 @@ def _iter_json(session: Session, job: Job, page: int = 500) -> Iterator[str]:
 @login_required
 def export_json(job_id: str):  # type: ignore[no-untyped-def]
     """Every row of the job as JSON (streamed)."""
-    job = clinic_job(job_id)
-    session = db()
-    audit.record(session, "job.export", g.actor, job.clinic_id, "job", job.id, {"format": "json", "via": "pages"})
-    session.commit()
-    response = Response(stream_with_context(_iter_json(session, job)), mimetype="application/json")
-    response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.json"'
-    return response
+    return _export(job_id, "json", "application/json", _iter_json)
