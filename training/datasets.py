@@ -40,8 +40,11 @@ class Dataset:
 
     @property
     def melanoma_only(self) -> bool:
-        """True when the set separates melanoma from the rest but not all seven classes."""
-        return set(self.known_labels) != set(CLASSES)
+        """True when the labels only separate melanoma (and keratosis) from "anything else" (ISIC 2017), so
+        multiclass figures would be meaningless. A set whose every label names its class (HAM10000, ISIC
+        2018/2019, one folder per class) gets multiclass figures over the classes it holds, even if some are
+        missing."""
+        return self.format == "isic2017"
 
 
 def _index_images(root: Path) -> dict[str, Path]:

@@ -255,6 +255,33 @@ def write_predictions(path: Path, samples: Sequence[Sample], y: np.ndarray, prob
                              *[f"{p:.6f}" for p in row]])
 
 
+def referral_report(bundle: Bundle, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Sensitivity, specificity and flag rate of the referral flag at the default and every operating point.
+
+    The flag here is the malignancy-score rule alone (the service also refers images the model is unsure of)."""
+    malignant = [i for i, c in enumerate(classes) if c in bundle.malignant_classes]
+    score = probs[:, malignant].sum(axis=1)
+    uncertain = probs.max(axis=1) < float((bundle.meta.get("referral") or {}).get("uncertain_below", 0.0))
+    positive = np.isin(y, malignant)
+
+    def at(threshold: float) -> dict[str, Any]:
+        flagged = score >= threshold
+        return {
+            "threshold": threshold,
+            "malignant_sensitivity": float(flagged[positive].mean()) if positive.any() else None,
+            "specificity": float((~flagged[~positive]).mean()) if (~positive).any() else None,
+            "flag_rate": float(flagged.mean()),
+            "flag_rate_with_uncertain": float((flagged | uncertain).mean()),
+        }
+
+    return {
+        "default": at(bundle.referral_threshold()),
+        "operating_points": [{"target_sensitivity": p["target_sensitivity"]} | at(float(p["threshold"]))
+                             for p in bundle.operating_points],
+        "n_malignant": int(positive.sum()),
+    }
+
+
 def output_paths(out_json: str | Path) -> dict[str, Path]:
     """Return where the report, predictions CSV and the three plots of an evaluation go."""
     out = Path(out_json)
@@ -279,6 +306,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "melanoma_sensitivity_at_specificity_0.80": mel["sensitivity_at_specificity_0.80"],
         "melanoma_sensitivity_at_specificity_0.90": mel["sensitivity_at_specificity_0.90"],
         "malignant_auc": report["malignant_auc"], "ece": report["ece"],
+        "referral_flag_rate": (report.get("referral") or {}).get("default", {}).get("flag_rate"),
+        "referral_malignant_sensitivity":
+            (report.get("referral") or {}).get("default", {}).get("malignant_sensitivity"),
         "ece_uncalibrated": report["ece_uncalibrated"], "evaluated_at": report["evaluated_at"],
     }
 
@@ -385,6 +415,7 @@ def evaluate(
         "headline": ({"metric": "melanoma_auc", "value": report["melanoma"]["auc"]} if melanoma_only
                      else {"metric": "balanced_accuracy", "value": report["balanced_accuracy"]}),
         "subgroups": subgroup_report(samples, y, probs, classes),
+        "referral": referral_report(bundle, y, probs, classes),
         "n_labelled": len(dataset.samples),
         "n_skipped": len(skipped),
         "skipped": skipped,

@@ -147,7 +147,8 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
         return 0
     with session_scope(settings) as session:
         path = bundle_path_for(session, version)
-    scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers)
+    scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
+                        referral_sensitivity=settings.referral_sensitivity)
     storage = get_storage(settings)
     groups = [todo] if all(a == 0 for _, _, a in todo) else [[t] for t in todo]
     scored, incomplete = 0, []

@@ -111,7 +111,8 @@ def rescore_chunk(run_id: int, image_ids: list[str], settings: Settings | None =
         path = bundle_path_for(session, version)
     written = 0
     if todo:
-        scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers)
+        scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
+                            referral_sensitivity=settings.referral_sensitivity)
         if scorer.version != version:
             raise RegistryError(f"the bundle at {path} is {scorer.version}, not the registered {version}")
         results = _score(scorer, settings, todo)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from skinscan.imaging import ImageError, decode_rgb
-from skinscan.labels import MALIGNANT
 from skinscan.storage import Storage
 from training.bundle import Bundle, load_bundle
 
@@ -45,7 +44,7 @@ class Scorer:
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", threads: int = 0, batch_size: int = 0,
-                 decode_workers: int = 0, device: str = "auto") -> None:
+                 decode_workers: int = 0, device: str = "auto", referral_sensitivity: float | None = None) -> None:
         from training.predictor import available_cores, load_predictor
 
         self.bundle = bundle
@@ -57,7 +56,8 @@ class Scorer:
         on_gpu = self.predictor.device.type == "cuda"
         self.decode_workers = decode_workers or (available_cores() if on_gpu else min(4, available_cores()))
         referral = bundle.meta.get("referral", {})
-        self.threshold = float(referral.get("malignancy_threshold", 0.5))
+        self.threshold = bundle.referral_threshold(referral_sensitivity)
+        self.malignant_classes = frozenset(bundle.malignant_classes)
         self.uncertain_below = float(referral.get("uncertain_below", 0.5))
         self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
 
@@ -67,8 +67,8 @@ class Scorer:
         return self.bundle.version
 
     def malignancy(self, probs: dict[str, float]) -> float:
-        """Return the summed probability of malignant classes."""
-        return float(sum(p for c, p in probs.items() if c in MALIGNANT))
+        """Return the summed probability of the bundle's malignant classes."""
+        return float(sum(p for c, p in probs.items() if c in self.malignant_classes))
 
     def flagged(self, probs: dict[str, float]) -> bool:
         """Refer when the malignancy score passes the bundle's threshold or the model is unsure."""
@@ -155,12 +155,13 @@ _LOCK = threading.Lock()
 
 
 def get_scorer(path: Path, backend: str = "auto", threads: int = 0, batch_size: int = 0,
-               decode_workers: int = 0) -> Scorer:
+               decode_workers: int = 0, referral_sensitivity: float | None = None) -> Scorer:
     """Return this process's scorer for a bundle folder, loading it on first use only."""
     key = str(Path(path).resolve())
     with _LOCK:
         if key not in _SCORERS:
             bundle = load_bundle(path)
-            _SCORERS[key] = Scorer(bundle, backend, threads, batch_size, decode_workers)
+            _SCORERS[key] = Scorer(bundle, backend, threads, batch_size, decode_workers,
+                                   referral_sensitivity=referral_sensitivity)
             log.info("loaded model %s (%s) in process %d", bundle.version, _SCORERS[key].predictor, os.getpid())
         return _SCORERS[key]

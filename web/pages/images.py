@@ -14,6 +14,7 @@ from skinscan import audit
 from skinscan.imaging import ImageError, decode_rgb
 from skinscan.models import Image, Job, ModelVersion, Prediction
 from skinscan.storage import StorageError
+from training.bundle import referral_threshold
 from web.context import db, settings, storage
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
@@ -125,7 +126,7 @@ def _ask_heatmap(image: Image, version: str) -> dict[str, Any]:
 
 def _referral_reason(prediction: Prediction, meta: dict[str, Any]) -> str:
     referral = meta.get("referral", {})
-    threshold = float(referral.get("malignancy_threshold", 0.5))
+    threshold = referral_threshold(meta, settings().referral_sensitivity)
     uncertain = float(referral.get("uncertain_below", 0.5))
     reasons = []
     if prediction.malignancy >= threshold:

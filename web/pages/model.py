@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from skinscan.models import ModelVersion
 from skinscan.registry import production_model
-from web.context import db
+from training.bundle import BundleError, referral_threshold
+from web.context import db, settings
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
 
@@ -66,6 +67,13 @@ def plots(bundle_dir: Path) -> list[dict[str, str]]:
     return sorted(out, key=lambda p: (p["evaluation"], order.index(p["kind"])))
 
 
+def _threshold(meta: dict[str, Any]) -> float:
+    try:
+        return referral_threshold(meta, settings().referral_sensitivity)
+    except BundleError:
+        return referral_threshold(meta)
+
+
 @bp.get("/model")
 @login_required
 def show():  # type: ignore[no-untyped-def]
@@ -81,6 +89,8 @@ def show():  # type: ignore[no-untyped-def]
         "model.html", model=row, meta=meta, versions=versions, card=model_card(folder),
         plots=plots(folder) if folder.is_dir() else [],
         validation=(meta.get("metrics") or {}).get("validation") or {},
+        referral_sensitivity=settings().referral_sensitivity,
+        referral_threshold=_threshold(meta),
         evaluations=(meta.get("metrics") or {}).get("evaluations") or {},
     )
 
