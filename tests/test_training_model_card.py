@@ -1,4 +1,4 @@
-"""MODEL_CARD.md generation from a bundle and its evaluate reports."""
+"""MODEL_CARD.md generation from a bundle, its evaluate reports, the previous model's reports and compared runs."""
 
 from __future__ import annotations
 
@@ -8,30 +8,56 @@ from pathlib import Path
 from training.model_card import render
 
 
-def _report(tmp_path: Path) -> Path:
+def _report(tmp_path: Path, name: str, melanoma_auc: float, flag_rate: float, version: str = "new") -> Path:
     report = {
-        "n_images": 3, "balanced_accuracy": 0.5, "accuracy": 0.6, "macro_auc": 0.7, "malignant_auc": 0.8,
-        "ece": 0.05, "ece_uncalibrated": 0.07, "melanoma_only": True,
-        "melanoma": {"auc": 0.75, "sensitivity_at_specificity_0.80": 0.6, "sensitivity_at_specificity_0.90": 0.4},
+        "model_version": version, "n_images": 3, "balanced_accuracy": 0.5, "accuracy": 0.6, "macro_auc": 0.7,
+        "malignant_auc": 0.8, "ece": 0.05, "ece_uncalibrated": 0.07, "melanoma_only": True,
+        "melanoma": {"auc": melanoma_auc, "sensitivity_at_specificity_0.80": 0.6,
+                     "sensitivity_at_specificity_0.90": 0.4},
+        "referral": {"default": {"malignant_sensitivity": 0.9, "flag_rate": flag_rate},
+                     "operating_points": [{"flag_rate": 0.25}]},
     }
-    path = tmp_path / "isic2017-test.json"
+    path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(report))
     return path
 
 
-def test_card_states_use_and_figures(smoke_bundle: Path, tmp_path: Path) -> None:
-    text = render(smoke_bundle, [("ISIC 2017 test", "skinscan evaluate ...", _report(tmp_path))], "- a limit")
-    assert "not a medical device" in text and "smoke-test" in text
-    assert "| melanoma AUC (melanoma vs rest) | 0.750 |" in text
-    assert "External test: ISIC 2017" in text and "- a limit" in text
+def test_card_headlines_test_figures_beside_the_previous_model(smoke_bundle: Path, tmp_path: Path) -> None:
+    new = _report(tmp_path, "isic2017-test", 0.85, 0.4)
+    old = _report(tmp_path, "old-isic2017-test", 0.64, 0.81, version="old-model")
+    text = render(smoke_bundle, [("ISIC 2017 test", "skinscan evaluate ...", new)], "- a limit",
+                  previous=[("ISIC 2017 test", old)])
+    assert "not a medical device" in text and "smoke-test" in text and "- a limit" in text
+    assert "| metric | ISIC 2017 test: this model | ISIC 2017 test: previous (old-model) |" in text
+    assert "| melanoma AUC (melanoma vs rest) | 0.850 | 0.640 |" in text
+    assert "| flag rate at the default referral point | 40.0 % | 81.0 % |" in text
+    # Targets: met ones say yes, missed ones say by how much, unmeasured ones say so.
+    assert "| ISIC 2017 test: melanoma AUC (melanoma vs rest) >= 0.8 | 0.850 | yes |" in text
+    assert "| ISIC 2017 test: flag rate at the default referral point (at most) <= 0.5 | 0.400 | yes |" in text
+    assert "HAM10000 test: balanced multiclass accuracy >= 0.78 | n/a | not measured |" in text
+    assert text.index("## Held-out test figures") < text.index("## Validation")
 
 
-def test_card_says_when_isic2017_was_trained_on(smoke_bundle: Path, tmp_path: Path) -> None:
+def test_card_claims_come_from_the_bundle(smoke_bundle: Path, tmp_path: Path) -> None:
     meta_path = smoke_bundle / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["training_data"]["extra_training_sets"] = ["ISIC-2017_Training_Part3_GroundTruth.csv"]
-    meta["training_data"]["held_out_sets"] = ["ISIC-2017_Test_v2_Part3_GroundTruth.csv"]
+    meta["training_data"]["counts"]["ISIC-2017_Training_Part3_GroundTruth.csv"] = {"train": 1234}
+    meta["training_data"]["split_fractions"] = {"val": 0.2, "test": 0.1}
+    meta["training_data"]["seed"] = 7
     meta_path.write_text(json.dumps(meta))
-    text = render(smoke_bundle, [("ISIC 2017 test", "skinscan evaluate ...", _report(tmp_path))])
-    assert "Also trained on: `ISIC-2017_Training_Part3_GroundTruth.csv`" in text
-    assert "no longer an external collection" in text and "External test: ISIC 2017" not in text
+    text = render(smoke_bundle, [("ISIC 2017 test", "cmd", _report(tmp_path, "t", 0.7, 0.5))])
+    assert "- `ISIC-2017_Training_Part3_GroundTruth.csv`: 1,234 training images; licence CC-0." in text
+    assert "seed 7, fractions 0.70 / 0.20 / 0.10" in text
+    assert "initialised from ImageNet (installed package weights)" in text
+    assert "shades of gray colour constancy" in text
+    assert "groups spanning two splits: 0" in text  # read from the bundle's splits.csv
+    assert "| 0.92 (default) |" in text
+
+
+def test_card_lists_compared_runs(smoke_bundle: Path, smoke_run: Path, tmp_path: Path) -> None:
+    text = render(smoke_bundle, [("ISIC 2017 test", "cmd", _report(tmp_path, "t", 0.7, 0.5))], runs=[smoke_run])
+    assert "### Choices and their validation effect" in text
+    history = json.loads((smoke_run / "history.jsonl").read_text().splitlines()[0])
+    assert f"| `{smoke_run.name}` | shades_of_gray | tf_efficientnet_lite0, 64 px | 1 |" in text
+    best = max(history["val_score"], history.get("ema_val_score", -1))
+    assert f"{best:.3f} |" in text

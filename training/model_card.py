@@ -1,17 +1,115 @@
-"""MODEL_CARD.md written from a bundle's metadata and `skinscan evaluate` reports, so its figures can be repeated."""
+"""MODEL_CARD.md written from a bundle's metadata, its `splits.csv`, `skinscan evaluate` reports and the training
+runs that were compared, so every figure and claim in it can be repeated (nothing is typed in by hand)."""
 
 from __future__ import annotations
 
+import csv
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from skinscan.labels import CLASS_NAMES
 from training.bundle import load_bundle
 
+# Licences of the collections SkinScan reads, by the start of the name a bundle records for them.
+LICENCES = {"HAM10000": "CC BY-NC-SA 4.0", "ISIC-2017": "CC-0", "ISIC2017": "CC-0"}
+
+# The quality bar set for the shipped model (held-out test figures); the card says which holds and by how much.
+TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("HAM10000 test", "balanced_accuracy", "balanced multiclass accuracy", 0.78),
+    ("HAM10000 test", "macro_auc", "macro AUC", 0.95),
+    ("ISIC 2017 test", "melanoma_auc", "melanoma AUC (melanoma vs rest)", 0.80),
+    ("HAM10000 test", "referral_malignant_sensitivity", "malignant sensitivity at the default referral point", 0.90),
+    ("ISIC 2017 test", "referral_flag_rate", "flag rate at the default referral point (at most)", -0.50),
+    ("HAM10000 test", "ece", "expected calibration error after temperature scaling (at most)", -0.05),
+)
+
 
 def _f(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _licence(name: str) -> str:
+    return next((lic for prefix, lic in LICENCES.items() if name.startswith(prefix)), "see the dataset")
+
+
+def _figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a full `skinscan evaluate` report, flat."""
+    mel = report["melanoma"]
+    default = (report.get("referral") or {}).get("default") or {}
+    return {
+        "n_images": report["n_images"],
+        "balanced_accuracy": None if report.get("melanoma_only") else report["balanced_accuracy"],
+        "macro_auc": None if report.get("melanoma_only") else report["macro_auc"],
+        "melanoma_auc": mel["auc"],
+        "melanoma_sens_spec80": mel["sensitivity_at_specificity_0.80"],
+        "melanoma_sens_spec90": mel["sensitivity_at_specificity_0.90"],
+        "malignant_auc": report["malignant_auc"],
+        "ece": report["ece"],
+        "ece_uncalibrated": report.get("ece_uncalibrated"),
+        "referral_malignant_sensitivity": default.get("malignant_sensitivity"),
+        "referral_flag_rate": default.get("flag_rate"),
+    }
+
+
+ROWS = (
+    ("n_images", "images", "int"), ("balanced_accuracy", "balanced multiclass accuracy", "num"),
+    ("macro_auc", "macro AUC (one-vs-rest)", "num"), ("melanoma_auc", "melanoma AUC (melanoma vs rest)", "num"),
+    ("melanoma_sens_spec80", "melanoma sensitivity at specificity 0.80", "num"),
+    ("melanoma_sens_spec90", "melanoma sensitivity at specificity 0.90", "num"),
+    ("malignant_auc", "malignant vs benign AUC", "num"),
+    ("ece", "expected calibration error (15 bins), calibrated", "num"),
+    ("ece_uncalibrated", "expected calibration error, uncalibrated", "num"),
+    ("referral_malignant_sensitivity", "malignant sensitivity at the default referral point", "num"),
+    ("referral_flag_rate", "flag rate at the default referral point", "pct"),
+)
+
+
+def _cell(value: Any, kind: str) -> str:
+    if kind == "int":
+        return "n/a" if value is None else str(value)
+    return _pct(value) if kind == "pct" else _f(value)
+
+
+def _headline_table(tests: list[tuple[str, dict[str, Any]]], previous: dict[str, dict[str, Any]],
+                    previous_version: str | None) -> list[str]:
+    """Metric rows by test set: this model, and the previous one beside it where its report is given."""
+    header = ["metric"]
+    for title, _ in tests:
+        header.append(f"{title}: this model")
+        if title in previous:
+            header.append(f"{title}: previous ({previous_version or 'earlier model'})")
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for key, label, kind in ROWS:
+        cells = [label]
+        for title, figures in tests:
+            cells.append(_cell(figures.get(key), kind))
+            if title in previous:
+                cells.append(_cell(previous[title].get(key), kind))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _targets(tests: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| target | measured | held |", "|---|---:|---|"]
+    for title, key, label, bound in TARGETS:
+        value = tests.get(title, {}).get(key)
+        at_most = bound < 0
+        limit = abs(bound)
+        if value is None:
+            verdict = "not measured"
+        elif (value <= limit) if at_most else (value >= limit):
+            verdict = "yes"
+        else:
+            verdict = f"no, by {abs(value - limit):.3f}"
+        sign = "<=" if at_most else ">="
+        lines.append(f"| {title}: {label} {sign} {limit:g} | {_f(value)} | {verdict} |")
+    return lines
 
 
 def _per_class_table(report: dict[str, Any]) -> list[str]:
@@ -34,87 +132,190 @@ def _subgroup_table(report: dict[str, Any], key: str, min_n: int = 20) -> list[s
     return lines
 
 
-def _headline(report: dict[str, Any]) -> list[str]:
-    mel = report["melanoma"]
-    rows = [("images", str(report["n_images"]))]
-    if not report.get("melanoma_only"):
-        rows += [("balanced multiclass accuracy", _f(report["balanced_accuracy"])),
-                 ("accuracy", _f(report["accuracy"])), ("macro AUC (one-vs-rest)", _f(report["macro_auc"]))]
-    rows += [("melanoma AUC (melanoma vs rest)", _f(mel["auc"])),
-             ("melanoma sensitivity at specificity 0.80", _f(mel["sensitivity_at_specificity_0.80"])),
-             ("melanoma sensitivity at specificity 0.90", _f(mel["sensitivity_at_specificity_0.90"])),
-             ("malignant vs benign AUC", _f(report["malignant_auc"])),
-             ("expected calibration error (15 bins), calibrated / uncalibrated",
-              f"{_f(report['ece'])} / {_f(report.get('ece_uncalibrated'))}")]
-    return ["| metric | value |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows]
+def _operating_points(meta: dict[str, Any], tests: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    referral = meta.get("referral") or {}
+    points = referral.get("operating_points") or []
+    if not points:
+        return []
+    header = ["target sensitivity", "threshold", "validation sensitivity", "validation specificity",
+              "validation flag rate"] + [f"{title} flag rate" for title, _ in tests]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for i, p in enumerate(points):
+        default = abs(p["target_sensitivity"] - referral.get("target_malignant_sensitivity", -1)) < 1e-9
+        cells = [f"{p['target_sensitivity']:.2f}" + (" (default)" if default else ""), _f(p["threshold"]),
+                 _f(p["sensitivity"]), _f(p["specificity"]), _pct(p["flag_rate"])]
+        for _, report in tests:
+            test_points = (report.get("referral") or {}).get("operating_points") or []
+            cells.append(_pct(test_points[i]["flag_rate"]) if i < len(test_points) else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
-def _other_data(data: dict[str, Any]) -> list[str]:
-    """Lines on the other collections a bundle was trained with, and on the held-out ISIC 2017 test split."""
-    extra = data.get("extra_training_sets") or []
-    if not extra:
-        return ["- External test: ISIC 2017 official test split (600 images, CC-0), melanoma vs rest; no image is "
-                "shared with HAM10000."]
-    return [
-        f"- Also trained on: {', '.join(f'`{name}`' for name in extra)}, every image in the training split "
-        "(ISIC 2017: melanoma -> mel, seborrheic keratosis -> bkl, the rest -> nv; CC-0). Images that duplicate "
-        f"one of the held-out sets ({', '.join(f'`{n}`' for n in data.get('held_out_sets') or []) or 'none'}) "
-        "were dropped before training (`splits.csv` lists every image used and its split).",
-        "- ISIC 2017 official test split (600 images), melanoma vs rest: held out, but no longer an external "
-        "collection, since the model saw ISIC 2017's training images; HAM10000's validation split chose the epoch.",
-    ]
+def _split_facts(bundle_path: Path) -> list[str]:
+    """What splits.csv shows: images per split and source, lesions, and that no group spans two splits."""
+    path = bundle_path / "splits.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    per_group: dict[str, set[str]] = {}
+    for row in rows:
+        if row["split"] != "unused":
+            per_group.setdefault(row["group"], set()).add(row["split"])
+    crossing = sum(1 for s in per_group.values() if len(s) > 1)
+    counts = Counter(row["split"] for row in rows)
+    lesions = len({row["lesion_id"] for row in rows if row["lesion_id"].startswith("HAM_")})
+    return [f"- `splits.csv` lists {len(rows):,} images ({counts['train']:,} train, {counts['val']:,} validation, "
+            f"{counts['test']:,} test, {counts['unused']:,} unused) in {len(per_group):,} lesion-or-duplicate groups"
+            + (f" ({lesions:,} HAM10000 lesions)" if lesions else "") + f"; groups spanning two splits: {crossing} "
+            "(checked again by `tests/test_training_splits.py`)."]
 
 
-def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str = "") -> str:
-    """Return the model card text for a bundle and its (title, command, report path) evaluations."""
+def _runs_table(runs: list[Path]) -> list[str]:
+    """The compared runs: what differed, and their best validation figures (the choice was made on these)."""
+    if not runs:
+        return []
+    lines = ["| run | colour constancy | arch, input | epochs | best epoch (weights) | validation balanced accuracy | "
+             "ISIC 2017 validation melanoma AUC | selection score |", "|---|---|---|---:|---|---:|---:|---:|"]
+    for run in runs:
+        args = json.loads((run / "args.json").read_text())
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
+        best: tuple[float, int, str, dict[str, Any]] | None = None
+        for entry in history:
+            for prefix, name in (("val", "raw"), ("ema_val", "EMA")):
+                score = entry.get(f"{prefix}_score")
+                if score is not None and (best is None or score > best[0]):
+                    best = (score, entry["epoch"], name, {k[len(prefix) + 1:]: v for k, v in entry.items()
+                                                          if k.startswith(prefix + "_")})
+        if best is None:
+            continue
+        score, epoch, weights, figures = best
+        isic = next((v for k, v in figures.items() if k.startswith("melanoma_auc[ISIC-2017_Validation")), None)
+        lines.append(f"| `{run.name}` | {args.get('colour_constancy', 'none')} | {args['arch']}, "
+                     f"{args['input_size']} px | {len(history)} | {epoch} ({weights}) | "
+                     f"{_f(figures.get('balanced_accuracy'))} | {_f(isic)} | {_f(score)} |")
+    return lines
+
+
+def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str = "",
+           previous: list[tuple[str, Path]] | None = None, runs: list[Path] | None = None) -> str:
+    """Return the model card text for a bundle, its held-out (title, command, report path) evaluations, the
+    previous model's reports of the same titles and the training runs that were compared."""
     bundle = load_bundle(bundle_path)
     meta = bundle.meta
     train = meta.get("training", {})
     cfg = train.get("config", {})
+    data = meta.get("training_data", {})
     val = meta.get("metrics", {}).get("validation", {})
+    loaded = [(title, command, json.loads(path.read_text()), path) for title, command, path in reports]
+    tests = [(title, _figures(report)) for title, _, report, _ in loaded]
+    prev_reports = {title: json.loads(path.read_text()) for title, path in previous or []}
+    prev_figures = {title: _figures(r) for title, r in prev_reports.items()}
+    prev_version = next((r.get("model_version") for r in prev_reports.values()), None)
+    referral = meta.get("referral") or {}
+    colour = (meta.get("colour_constancy") or {}).get("method", "none")
+    init = meta.get("initialisation") or ("warm start" if cfg.get("pretrained") else "random initialisation")
+    counts = data.get("counts") or {}
+
     out = [
         f"# Model card: {meta.get('name')} `{bundle.version}`", "",
         "> **Decision support, not a diagnosis.** This model is for research and to help clinicians prioritise "
         "review. It is not a medical device, is not clinically validated, and must never be used to rule out "
         "skin cancer.", "",
+        "## Held-out test figures", "",
+        "Computed once, after the model was chosen on validation data; no test image, lesion or known duplicate was "
+        "trained on or used for the choice.", "",
+    ] + _headline_table(tests, prev_figures, prev_version) + [
+        "", "### Against the targets set for this model", "",
+    ] + _targets(dict(tests)) + [
+        "",
         "## Model", "",
-        f"- Architecture: torchvision `{meta['architecture']}` from random initialisation (no pretrained weights "
-        "can be downloaded here)" + (f"; this run continued from `{cfg['pretrained']}`" if cfg.get("pretrained")
-                                     else "") + ".",
-        f"- Input: RGB, shorter side resized to {bundle.resize_size} px (bilinear), centre crop "
-        f"{bundle.input_size} x {bundle.input_size}, normalised with the training set's mean "
-        f"{[round(x, 3) for x in meta['mean']]} and std {[round(x, 3) for x in meta['std']]} (all in the bundle).",
-        f"- Output: probabilities of HAM10000's seven classes ({', '.join(bundle.classes)}), temperature-scaled "
-        f"(T = {bundle.temperature:.3f}, fitted on the validation split). Malignancy score = P(mel) + P(bcc) + "
-        "P(akiec).",
-        f"- Referral flag: malignancy score >= {meta['referral']['malignancy_threshold']:.3f} (chosen on the "
-        f"validation split for melanoma sensitivity >= {meta['referral']['target_melanoma_sensitivity']}) or top "
-        f"probability < {meta['referral']['uncertain_below']} (the model is unsure).",
-        f"- Training: {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, AdamW lr {cfg.get('lr')} with warm-up "
-        "and cosine decay, class imbalance handled by square-root-frequency sampling and loss weights, flips, "
-        "rotations, zoom in/out and colour augmentation; best epoch "
-        f"{train.get('best_epoch')} chosen on validation balanced accuracy; seed {cfg.get('seed')}; "
-        f"{train.get('device', 'cpu')}, torch {train.get('torch')}.",
-        "- Bundle files: `weights.pt` (float16), `model.onnx` (for ONNX Runtime), `metadata.json`, `splits.csv`.",
+        f"- Architecture: `{meta['architecture']}`"
+        + (" (timm)" if meta["architecture"].startswith("tf_") else " (torchvision)")
+        + f", initialised from {init}.",
+        f"- Input: RGB, shorter side resized to {bundle.resize_size} px ({meta.get('interpolation', 'bilinear')}), "
+        + (f"{colour.replace('_', ' ')} colour constancy (Minkowski p = "
+           f"{(meta.get('colour_constancy') or {}).get('power')}), " if colour != "none" else "")
+        + f"centre crop {bundle.input_size} x {bundle.input_size}, normalised with mean "
+        f"{[round(x, 3) for x in meta['mean']]} and std {[round(x, 3) for x in meta['std']]} (all in the bundle; "
+        "scoring applies exactly the same steps).",
+        f"- Output: probabilities of {len(bundle.classes)} classes ({', '.join(bundle.classes)}), temperature-scaled "
+        f"(T = {bundle.temperature:.3f}, fitted on the validation split). Malignancy score = sum of "
+        f"{', '.join(bundle.malignant_classes)}.",
+        f"- Referral flag: malignancy score >= {referral.get('malignancy_threshold', 0):.3f} (the default operating "
+        "point, chosen on " + str(referral.get("chosen_on", "the validation split"))
+        + (f" for malignant sensitivity >= {referral['target_malignant_sensitivity']}"
+           if "target_malignant_sensitivity" in referral else "")
+        + f"), or top probability < {referral.get('uncertain_below')} (the model is unsure). A deployment picks "
+        "another point with `SKINSCAN_REFERRAL_SENSITIVITY`.",
+        f"- Bundle files: {', '.join(f'`{n}`' for n in meta.get('checksums', {}))}, `metadata.json`, `splits.csv`.",
         "",
-        "## Data and licence", "",
-        "- Training data: HAM10000 (Tschandl et al., Sci. Data 5, 180161, 2018), 10,015 dermoscopic images of 7,470 "
-        "lesions, **CC BY-NC-SA 4.0**: the model inherits the non-commercial, share-alike terms.",
-        "- Split: grouped by `lesion_id` (and by known near-duplicate images), stratified by diagnosis, seed 0: "
-        "70 % train, 15 % validation, 15 % test; no lesion is in two splits (`splits.csv` in the bundle, "
-        "checked by `tests/test_training_splits.py`).",
-    ] + _other_data(meta.get("training_data", {})) + [
-        "",
-        "## Validation (model selection and calibration only)", "",
-        f"balanced accuracy {_f(val.get('balanced_accuracy'))}, macro AUC {_f(val.get('macro_auc'))}, melanoma AUC "
-        f"{_f(val.get('melanoma_auc'))}, ECE {_f(val.get('ece_before_calibration'))} before and "
-        f"{_f(val.get('ece'))} after temperature scaling.", "",
     ]
-    for title, command, path in reports:
-        report = json.loads(path.read_text())
-        out += [f"## {title}", "", f"`{command}`", ""] + _headline(report) + [""]
+    points = _operating_points(meta, [(title, report) for title, _, report, _ in loaded])
+    if points:
+        out += ["### Referral operating points", "",
+                "Thresholds chosen on the validation split; flag rates on the held-out test sets at the same "
+                "thresholds (malignancy rule alone, without the unsure rule).", ""] + points + [""]
+    out += [
+        "## Training", "",
+        f"- {len(train.get('history', []))} of {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, AdamW "
+        f"(head lr {cfg.get('lr')}, backbone lr x {cfg.get('backbone_lr_scale', 1.0)}, weight decay "
+        f"{cfg.get('weight_decay')}, no decay on norms and biases), {cfg.get('warmup_epochs')} warm-up epochs then "
+        f"cosine decay, label smoothing {cfg.get('label_smoothing')}, weight EMA decay {cfg.get('ema_decay', 0)}.",
+        "- Class imbalance: square-root-frequency sampling and loss weights; extra collections sampled x "
+        f"{cfg.get('extra_weight', 1.0)} per image.",
+        "- Augmentation: random resized crops (scale 0.35-1), occasional zoom-out (dark dermoscope borders), "
+        "horizontal and vertical flips, 90-degree and small free rotations, brightness/contrast/saturation/hue "
+        "jitter and occasional blur (training/train.py `_augment`).",
+        "- ISIC 2017 labels supervise only what they say: melanoma -> mel, seborrheic keratosis -> bkl, and "
+        "\"neither\" as a partial label (any class but mel and bkl), not as nevus.",
+        f"- Model choice: {train.get('selection', 'validation balanced accuracy')}; best epoch "
+        f"{train.get('best_epoch')} ({train.get('best_weights', 'raw')} weights); seed {cfg.get('seed')}; "
+        f"{train.get('device', 'cpu')}, torch {train.get('torch')}.",
+        "",
+    ]
+    table = _runs_table(runs or [])
+    if table:
+        out += ["### Choices and their validation effect", "",
+                "Runs compared on validation only (HAM10000 validation split and ISIC 2017's official validation "
+                "split); the best one ships.", ""] + table + [""]
+    out += ["## Data and licence", ""]
+    for name, c in counts.items():
+        parts = [f"{c.get(sp, 0):,} {label}" for sp, label in (("train", "training"), ("val", "validation"),
+                                                                ("test", "test")) if sp in c]
+        out.append(f"- `{name}`: {', '.join(parts)} images; licence {_licence(name)}.")
+    if data.get("split_fractions"):
+        fr = data["split_fractions"]
+        out.append(f"- Split of {data.get('dataset')}: {data.get('split')}, seed {data.get('seed', cfg.get('seed'))}, "
+                   f"fractions {1 - fr['val'] - fr['test']:.2f} / {fr['val']:.2f} / {fr['test']:.2f} "
+                   "(train / validation / test)" + (f", reused from `{Path(cfg['splits']).name}`"
+                                                     if cfg.get("splits") else "") + ".")
+    out += _split_facts(bundle_path)
+    if data.get("extra_validation_sets"):
+        names = ", ".join(f"`{n}`" for n in data["extra_validation_sets"])
+        out.append(f"- Used for model choice, never trained on: {names}.")
+    if data.get("held_out_sets"):
+        out.append(f"- Held out (their images and duplicates of them never trained on): "
+                   f"{', '.join(f'`{n}`' for n in data['held_out_sets'])}.")
+    if any(_licence(n) == "CC BY-NC-SA 4.0" for n in counts):
+        out.append("- HAM10000 is CC BY-NC-SA 4.0: the model inherits its non-commercial, share-alike terms.")
+    out += [
+        "",
+        "## Validation (model choice and calibration only, not a test)", "",
+        f"balanced accuracy {_f(val.get('balanced_accuracy'))}, macro AUC {_f(val.get('macro_auc'))}, melanoma AUC "
+        f"{_f(val.get('melanoma_auc'))}"
+        + "".join(f", {k.split('[')[1].rstrip(']').replace('_Part3_GroundTruth.csv', '')} melanoma AUC {_f(v)}"
+                  for k, v in val.items() if k.startswith("melanoma_auc["))
+        + f", ECE {_f(val.get('ece_before_calibration'))} before and {_f(val.get('ece'))} after temperature scaling.",
+        "",
+    ]
+    for title, command, report, path in loaded:
+        out += [f"## {title}", "", f"`{command}`", ""]
         if not report.get("melanoma_only"):
             out += _per_class_table(report) + [""]
+        else:
+            out += ["Labels tell melanoma and seborrheic keratosis from \"anything else\", so only the melanoma and "
+                    "malignancy figures above apply.", ""]
         stem = path.with_suffix("").as_posix()
         out += [f"Plots: [confusion matrix]({stem}_confusion.png), [ROC curves]({stem}_roc.png), "
                 f"[reliability diagram]({stem}_reliability.png).", ""]
@@ -132,12 +333,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--report", action="append", default=[], help="TITLE::COMMAND::PATH of an evaluate report")
+    parser.add_argument("--report", action="append", default=[],
+                        help="TITLE::COMMAND::PATH of a held-out `skinscan evaluate` report")
+    parser.add_argument("--previous", action="append", default=[],
+                        help="TITLE::PATH of the previous model's report on the same test set")
+    parser.add_argument("--run", action="append", default=[], type=Path,
+                        help="a compared run folder (args.json, history.jsonl)")
     parser.add_argument("--notes", type=Path, required=True, help="markdown file: known limits and biases")
     parser.add_argument("--out", type=Path, default=Path("MODEL_CARD.md"))
     args = parser.parse_args(argv)
     reports = [(t, c, Path(p)) for t, c, p in (r.split("::", 2) for r in args.report)]
-    args.out.write_text(render(args.model, reports, args.notes.read_text()))
+    previous = [(t, Path(p)) for t, p in (r.split("::", 1) for r in args.previous)]
+    args.out.write_text(render(args.model, reports, args.notes.read_text(), previous, args.run))
     return 0
 
 
