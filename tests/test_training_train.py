@@ -17,8 +17,9 @@ import torchvision
 from skinscan.cli import main
 from skinscan.labels import CLASSES
 from training.bundle import BundleError, create_model, load_bundle
+from training.config import TrainConfig
+from training.rundata import prepare
 from training.splits import read_splits
-from training.train import TrainConfig, _prepare
 
 BUNDLE_KEYS = (
     "architecture", "classes", "input_size", "resize_size", "mean", "std", "temperature", "version",
@@ -159,7 +160,7 @@ def test_extra_training_sets_never_touch_held_out_images(
     cfg = TrainConfig(data=str(ham), out=str(tmp_path / "run"), input_size=32, splits=str(split_file),
                       extra_train=[str(val_csv), str(extra_folders)], holdout=[str(test_csv)])
     (tmp_path / "run").mkdir()
-    prep = _prepare(cfg, tmp_path / "run")
+    prep = prepare(cfg, tmp_path / "run")
     dataset, images, splits = prep.dataset, prep.images, prep.splits
     # Each image keeps its source's label format, so ISIC 2017's "neither" is supervised as a partial label.
     format_of = {s.image_id: f for s, f in zip(dataset.samples, prep.formats, strict=True)}
@@ -179,3 +180,21 @@ def test_extra_training_sets_never_touch_held_out_images(
     assert split_of["copy_of_test"] == "unused" and split_of["copy_of_train"] == "train"
     written = read_splits(tmp_path / "run" / "splits.csv")
     assert written == split_of
+
+
+def test_every_config_field_is_an_option() -> None:
+    """One parser from the config: every TrainConfig field has a flag, and parsed flags rebuild the config."""
+    import argparse
+    from dataclasses import fields
+
+    from training.config import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in fields(TrainConfig)} <= flags
+    args = parser.parse_args(["--data", "d", "--out", "o", "--epochs", "3", "--lr", "0.01", "--pretrained", "none",
+                              "--extra-val", "a.csv", "--extra-val", "b.csv", "--ema-decay", "0"])
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.lr, cfg.pretrained, cfg.extra_val, cfg.ema_decay) == (3, 0.01, None, ["a.csv", "b.csv"], 0)
+    assert cfg.resize_size == cfg.input_size == 160

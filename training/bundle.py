@@ -95,6 +95,20 @@ def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
     raise BundleError(f"cannot find the classification head of {type(model).__name__}")
 
 
+def resize_crop(img: Image.Image, resize_size: int, crop: int, colour_constancy: str = "none", power: float = 6.0,
+                interpolation: str = "bilinear") -> Image.Image:
+    """Resize the shorter side to resize_size, apply colour constancy, centre-crop a crop x crop square: the one
+    preprocessing of training, evaluation and scoring."""
+    width, height = img.size
+    scale = resize_size / min(width, height)
+    new = (max(crop, round(width * scale)), max(crop, round(height * scale)))
+    img = img.resize(new, INTERPOLATIONS.get(interpolation, Image.Resampling.BILINEAR), reducing_gap=None)
+    if colour_constancy != "none":
+        img = Image.fromarray(apply_colour_constancy(np.asarray(img), colour_constancy, power))
+    left, top = (new[0] - crop) // 2, (new[1] - crop) // 2
+    return img.crop((left, top, left + crop, top + crop))
+
+
 def referral_threshold(meta: dict[str, Any], sensitivity: float | None = None) -> float:
     """Return the referral threshold in bundle metadata for a target sensitivity (None: the default point)."""
     referral = meta.get("referral") or {}
@@ -162,17 +176,9 @@ class Bundle:
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """Resize the shorter side to resize_size, correct colour as in training, centre-crop to input_size."""
-        width, height = img.size
-        scale = self.resize_size / min(width, height)
-        new = (max(self.input_size, round(width * scale)), max(self.input_size, round(height * scale)))
-        resample = INTERPOLATIONS.get(str(self.meta.get("interpolation", "bilinear")), Image.Resampling.BILINEAR)
-        img = img.resize(new, resample, reducing_gap=None)
-        if self.colour_constancy != "none":
-            power = float(self.meta["colour_constancy"].get("power", 6.0))
-            img = Image.fromarray(apply_colour_constancy(np.asarray(img), self.colour_constancy, power))
-        left = (new[0] - self.input_size) // 2
-        top = (new[1] - self.input_size) // 2
-        return img.crop((left, top, left + self.input_size, top + self.input_size))
+        power = float((self.meta.get("colour_constancy") or {}).get("power", 6.0))
+        return resize_crop(img, self.resize_size, self.input_size, self.colour_constancy, power,
+                           str(self.meta.get("interpolation", "bilinear")))
 
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
         """Turn an N x H x W x 3 uint8 batch into the N x 3 x H x W float32 tensor the network takes."""
