@@ -26,6 +26,18 @@ def test_shades_of_gray_removes_a_colour_cast() -> None:
     assert before.max() - before.min() > 0.3 * before.mean()
 
 
+def test_shades_of_gray_tables_match_the_float_formula() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    img[..., 2] //= 2  # a blue deficit to correct
+    x = img.astype(np.float64)
+    illuminant = np.mean(x**6, axis=(0, 1)) ** (1 / 6)
+    expected = np.clip(x * np.linalg.norm(illuminant) / (illuminant * np.sqrt(3)), 0, 255).astype(np.uint8)
+    got = shades_of_gray(img)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert np.mean(got != expected) < 0.001
+
+
 def test_shades_of_gray_leaves_grey_alone_and_none_is_identity() -> None:
     grey = np.full((8, 8, 3), 120, dtype=np.uint8)
     assert np.array_equal(shades_of_gray(grey), grey)

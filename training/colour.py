@@ -8,15 +8,27 @@ METHODS = ("none", "shades_of_gray")
 
 
 def shades_of_gray(rgb: np.ndarray, power: float = 6.0) -> np.ndarray:
-    """Return an H x W x 3 uint8 image whose illuminant, estimated by the Minkowski p-norm, is neutral grey."""
-    img = rgb.astype(np.float32)
-    illuminant = np.power(np.mean(np.power(img, power), axis=(0, 1)), 1.0 / power)
+    """Return an H x W x 3 uint8 image whose illuminant, estimated by the Minkowski p-norm, is neutral grey.
+
+    Computed through 256-level tables (a histogram per channel for the norm, a lookup per channel for the gain),
+    which gives the float formula's result at a small fraction of its cost per image."""
+    flat = rgb.reshape(-1, 3)
+    if flat.shape[0] == 0:
+        return rgb
+    levels = np.arange(256, dtype=np.float64) ** power
+    illuminant = np.array([
+        (np.bincount(flat[:, c], minlength=256) @ levels / flat.shape[0]) ** (1.0 / power) for c in range(3)
+    ])
     norm = float(np.sqrt(np.sum(illuminant**2)))
     if norm <= 0.0:
         return rgb
     # Scale each channel so the estimated illuminant becomes (1, 1, 1) / sqrt(3) of the same length.
-    gain = norm / (np.maximum(illuminant, 1e-6) * np.sqrt(3.0))
-    return np.clip(img * gain, 0, 255).astype(np.uint8)
+    gain = (norm / (np.maximum(illuminant, 1e-6) * np.sqrt(3.0))).astype(np.float32)
+    tables = np.clip(np.arange(256, dtype=np.float32)[None, :] * gain[:, None], 0, 255).astype(np.uint8)
+    out = np.empty_like(rgb)
+    for c in range(3):
+        out[..., c] = tables[c][rgb[..., c]]
+    return out
 
 
 def apply_colour_constancy(rgb: np.ndarray, method: str, power: float = 6.0) -> np.ndarray:
