@@ -136,6 +136,22 @@ class Image(Base):
                       Index("ix_images_job_position", "job_id", "position"))
 
 
+class Upload(Base):
+    """Intent to store an upload request's objects, committed before its first object is put.
+
+    The request stores its objects under `prefix`, and the transaction that commits their image rows deletes this
+    row: a row older than the grace period belongs to an upload that was refused or died, and the orphan sweeper
+    deletes the objects under its prefix that no committed image claims.
+    """
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(String(32))
+    prefix: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
 class Prediction(Base):
     """A model version's scores for one image; unique per (image, model version), so rewrites are no-ops."""
 

@@ -16,6 +16,7 @@ from skinscan import audit
 from skinscan.imaging import ACCEPTED_FORMATS, ImageError, sniff_format, strip_metadata
 from skinscan.labels import GroundTruth, LabelFileError, image_id_of, parse_ground_truth
 from skinscan.models import Clinic, Image, Job, new_id, utcnow
+from skinscan.orphans import UploadIntent, begin_upload, discard_upload, end_upload
 from skinscan.registry import ensure_production_model
 from skinscan.settings import Settings
 from skinscan.storage import Storage
@@ -23,6 +24,7 @@ from skinscan.storage import Storage
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif"}
+UPLOAD_INTENTS = "skinscan.upload_intents"  # session.info key: the intents of this request's uploads
 
 
 class UploadError(ValueError):
@@ -137,20 +139,27 @@ def parse_labels(data: bytes | None) -> GroundTruth | None:
                           [{"line": exc.line, "error": str(exc)}] if exc.line else None) from None
 
 
-def store_image(storage: Storage, clinic_id: str, job_id: str, data: bytes) -> tuple[str, str, str, int]:
-    """Strip identifying metadata, store under an opaque key; return (key, sha256 of the upload, type, size)."""
+def store_image(storage: Storage, prefix: str, data: bytes) -> tuple[str, str, str, int]:
+    """Strip identifying metadata, store under an opaque key below the upload's prefix; return (key, sha256 of the
+    upload, type, size)."""
     digest = hashlib.sha256(data).hexdigest()
     clean, fmt = strip_metadata(data)
-    key = f"{clinic_id}/{job_id}/{new_id()}.{EXTENSIONS[fmt]}"
+    key = f"{prefix}{new_id()}.{EXTENSIONS[fmt]}"
     storage.put(key, clean, ACCEPTED_FORMATS[fmt])
     return key, digest, ACCEPTED_FORMATS[fmt], len(data)
 
 
 def add_images(
     session: Session, storage: Storage, job: Job, items: Iterator[tuple[str, bytes | Rejected]],
-    settings: Settings, start: int = 0,
+    settings: Settings, start: int = 0, intent: UploadIntent | None = None,
 ) -> tuple[int, list[Rejected]]:
-    """Store each accepted image and add its row to the session; refused files become failed rows."""
+    """Store each accepted image and add its row to the session; refused files become failed rows.
+
+    The intent to store (committed first, begun here unless given) ends in the session's transaction: committing
+    the rows claims the objects, and anything else leaves them to discard_stored or the orphan sweeper.
+    """
+    intent = intent or begin_upload(settings, job.clinic_id, job.id)
+    session.info.setdefault(UPLOAD_INTENTS, []).append(intent)
     accepted, rejected, position = 0, [], start
     for name, item in items:
         if position - start >= settings.max_files:
@@ -163,7 +172,7 @@ def add_images(
             continue
         try:
             sniff_format(item)
-            key, digest, ctype, size = store_image(storage, job.clinic_id, job.id, item)
+            key, digest, ctype, size = store_image(storage, intent.prefix, item)
         except ImageError as exc:
             status = 415 if exc.unsupported else 400
             rejected.append(Rejected(name, status, str(exc)))
@@ -176,6 +185,7 @@ def add_images(
         accepted += 1
         position += 1
     job.updated_at = utcnow()  # an upload in parts is alive; the stale-upload sweeper goes by this
+    end_upload(session, intent)
     return accepted, rejected
 
 
@@ -206,11 +216,13 @@ def create_job(
 ) -> IntakeResult:
     """Store the upload's images and commit the job with all its rows in one transaction (not enqueued)."""
     truth = parse_labels(labels)
+    job_id = new_id()
+    intent = begin_upload(settings, clinic.id, job_id)  # committed before this session writes (SQLite: one writer)
     model = ensure_production_model(session, settings)
-    job = Job(id=new_id(), clinic_id=clinic.id, status="uploading", model_version=model.version)
+    job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version)
     session.add(job)
     session.flush()
-    accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings)
+    accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings, intent=intent)
     if accepted == 0:
         statuses = {r.status for r in rejected}
         status = 415 if statuses == {415} else 413 if statuses == {413} else 400
@@ -238,14 +250,10 @@ def finalize_job(session: Session, job: Job) -> None:
 
 
 def discard_stored(session: Session, storage: Storage) -> None:
-    """Roll back a refused upload and remove the objects it already stored (best effort)."""
-    keys = [o.storage_key for o in list(session) if isinstance(o, Image) and o.storage_key]
+    """Roll back a refused upload and remove every object it stored now (the orphan sweeper, if storage fails)."""
+    intents = session.info.pop(UPLOAD_INTENTS, [])
     session.rollback()
-    for key in keys:
-        try:
-            storage.delete(key)
-        except Exception:  # noqa: BLE001 - without a row the object is unreachable anyway
-            log.warning("could not remove an orphaned object after a refused upload")
+    discard_upload(session, storage, intents)
 
 
 def enqueue_committed(session: Session, job: Job, settings: Settings) -> None:

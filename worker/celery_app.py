@@ -7,6 +7,7 @@ from celery.schedules import crontab
 from kombu import Queue
 
 from skinscan.settings import Settings, load_settings
+from worker.leases import LeaseRenewal
 
 SCORE_QUEUE = "skinscan"
 RESCORE_QUEUE = "rescore"
@@ -21,6 +22,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     schedule = {
         "requeue-stalled-jobs": {"task": "worker.tasks.requeue_stalled", "schedule": sweep},
         "fail-stale-uploads": {"task": "worker.tasks.fail_stale_uploads", "schedule": sweep},
+        "sweep-orphaned-objects": {"task": "worker.tasks.sweep_orphans", "schedule": sweep},
     }
     if settings.rescore_enabled:
         schedule["nightly-rescore"] = {
@@ -40,15 +42,16 @@ def create_celery(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        # Poll the clinic queue first: a re-score never holds up an upload. Redelivery of a message whose
-        # worker died happens after the visibility timeout; the stalled-job sweeper covers lost messages.
-        # kombu scans for unacked messages past the visibility timeout every interval x throttle seconds
-        # (100 s by default); scan every few seconds instead so a killed worker's message returns promptly.
+        # Poll the clinic queue first: a re-score never holds up an upload. A message whose worker died goes
+        # back on its queue once its lease (the visibility timeout, 30 s by default) runs out: live workers
+        # renew the leases of the messages they hold (worker.leases), so only a dead worker's expire. The
+        # stalled-job sweeper covers messages lost with the broker. kombu scans for expired leases every
+        # interval x throttle seconds (100 s by default); scan every few seconds instead.
         broker_transport_options={"visibility_timeout": visibility, "queue_order_strategy": "priority",
                                   "unacked_restore_interval": max(1, min(10, visibility // 4)),
                                   "unacked_restore_throttle": 1},
-        # A hung task is killed (its images stay pending, the sweeper resends them, attempts are counted);
-        # keep this below the visibility timeout or Redis redelivers a task that is still running.
+        # A hung task is killed (its images stay pending, the sweeper resends them, attempts are counted); its lease
+        # is renewed while it runs, so a limit longer than the visibility timeout never causes a redelivery.
         task_time_limit=settings.task_time_limit,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
@@ -56,6 +59,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         enable_utc=True,
         beat_schedule=schedule,
     )
+    app.steps["consumer"].add(LeaseRenewal)  # renew the leases of held messages while the worker lives
     return app
 
 

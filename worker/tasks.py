@@ -69,6 +69,14 @@ def fail_stale_uploads() -> int:
     return pipeline.fail_stale_uploads(load_settings())
 
 
+@celery_app.task(name="worker.tasks.sweep_orphans")
+def sweep_orphans() -> int:
+    """Delete stored images of uploads refused or interrupted longer ago than the grace period (no row claims them)."""
+    from skinscan.orphans import sweep_orphans as sweep
+
+    return sweep(load_settings())
+
+
 @celery_app.task(name="worker.tasks.nightly_rescore", queue="rescore", **_RETRY)
 def nightly_rescore(clinic_id: str | None = None, since: str | None = None) -> int | None:
     """Start or resume re-scoring every stored image that lacks a prediction of the production model."""

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.labels import CLASSES, MALIGNANT
 from skinscan.models import Image, Job, JobMetrics, Prediction
+from skinscan.storage import StorageError
 from web.context import db, settings, storage
 from web.errors import wants_json
 from web.intake import UploadError, create_job, discard_stored, enqueue_committed
@@ -94,6 +95,10 @@ def create():  # type: ignore[no-untyped-def]
     except UploadError as exc:
         discard_stored(session, storage())
         return _upload_refused(str(exc), exc.status, exc.details)
+    except StorageError:
+        discard_stored(session, storage())
+        return _upload_refused("Image storage is unavailable; nothing was kept from this upload. Send it again "
+                               "later.", 503, [])
     enqueue_committed(db(), result.job, settings())
     job_url = url_for("jobs.show", job_id=result.job.id)
     rejected = [r.__dict__ for r in result.rejected]
