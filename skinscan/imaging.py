@@ -13,7 +13,15 @@ ACCEPTED_FORMATS: dict[str, str] = {"JPEG": "image/jpeg", "PNG": "image/png", "B
                                     "TIFF": "image/tiff"}
 # Largest image accepted, in pixels; more is treated as a decompression bomb.
 MAX_PIXELS = 50_000_000
+# Largest image with 16 or 32 bits per sample (16-bit greyscale PNG/TIFF, 32-bit integer or float TIFF). Such
+# samples take 2-4 bytes each in memory and need a conversion to 8-bit RGB on top, so they get a quarter of the
+# limit: decoding one then costs at most about 9 bytes a pixel (~110 MB), less than an 8-bit RGB image at
+# MAX_PIXELS (4 bytes a pixel, 200 MB), and a small file can no longer make a decode thread take a gigabyte.
+MAX_HIGH_DEPTH_PIXELS = MAX_PIXELS // 4
 MIN_SIDE = 8
+# Rows of a high-depth image scaled to 8 bits at a time: about this many pixels, so the float arithmetic on a band
+# stays a few tens of megabytes whatever the image's size.
+_BAND_PIXELS = 1 << 20
 
 
 class ImageError(ValueError):
@@ -24,11 +32,21 @@ class ImageError(ValueError):
         super().__init__(message)
 
 
-def _check_size(fmt: str, width: int, height: int, frames: int) -> None:
-    """Raise ImageError for dimensions or frame counts SkinScan will not score."""
+def _high_depth(mode: str) -> bool:
+    """Whether Pillow holds this mode with 16 or 32 bits per sample (I;16*, I, F)."""
+    return mode.startswith(("I", "F"))
+
+
+def _check_size(fmt: str, width: int, height: int, frames: int, mode: str = "RGB") -> None:
+    """Raise ImageError for dimensions, depths or frame counts SkinScan will not score."""
     if width * height > MAX_PIXELS:
         raise ImageError(f"image too large ({width}x{height} pixels; limit {MAX_PIXELS:,}; possible "
                          "decompression bomb)")
+    if _high_depth(mode) and width * height > MAX_HIGH_DEPTH_PIXELS:
+        bits = 16 if mode.startswith("I;16") else 32
+        raise ImageError(f"{bits}-bit image too large to decode safely ({width}x{height} pixels; limit "
+                         f"{MAX_HIGH_DEPTH_PIXELS:,} for images with 16 or 32 bits per sample, which take several "
+                         "times the memory of an 8-bit image); send it as an 8-bit image or smaller")
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"image too small ({width}x{height} pixels; at least {MIN_SIDE} per side)")
     if frames > 1:
@@ -58,6 +76,7 @@ def sniff_format(data: bytes) -> str:
                 else:
                     frames = getattr(img, "n_frames", 1) if fmt in ACCEPTED_FORMATS else 1
                 width, height = img.size
+                mode = img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image dimensions too large (possible decompression bomb)") from None
     except UnidentifiedImageError:
@@ -67,27 +86,44 @@ def sniff_format(data: bytes) -> str:
     if fmt not in ACCEPTED_FORMATS:
         raise ImageError(f"{fmt or 'this'} images are not supported; use JPEG, PNG, BMP or TIFF",
                          unsupported=True)
-    _check_size(fmt, width, height, frames)
+    _check_size(fmt, width, height, frames, mode)
     return fmt
+
+
+def _to_eight_bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float greyscale image to 8-bit L, a band of rows at a time (bounded memory).
+
+    16-bit samples map 0..65535 to 0..255 (32-bit integers likewise when any exceeds 255, else they are taken as
+    0..255); float samples are stretched from their minimum to their maximum.
+    """
+    width, height = img.size
+    if img.mode.startswith("I;16"):
+        offset, top = 0.0, 65535.0
+    else:
+        low, high = img.getextrema()  # I and F only (not I;16B and kin)
+        if img.mode == "F":
+            offset, top = float(low), max(float(high) - float(low), 1e-9)
+        else:
+            offset, top = 0.0, 65535.0 if high > 255 else 255.0
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for y in range(0, height, rows):
+        band = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float64)
+        out[y : y + band.shape[0]] = np.clip((band - offset) / top * 255.0, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, scaling 16-bit and compositing transparency on black."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = (arr - arr.min()) / max(float(np.ptp(arr)), 1e-9) * 255.0
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if _high_depth(img.mode):
+        return _to_eight_bit(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        on_black = Image.new("RGB", rgba.size)  # pasting through the alpha is compositing on black, one copy less
+        on_black.paste(rgba, mask=rgba)
+        return on_black
     if img.mode != "RGB":
         return img.convert("RGB")
     return img
@@ -132,76 +168,137 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     return _to_rgb(img)
 
 
-_JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF, Adobe (colour transform); APP2 only when it is an ICC profile
-# PNG chunks that carry pixels or how to show them; everything else (text, EXIF, time, private chunks) is dropped.
-_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
-             b"bKGD", b"pHYs", b"cICP"}
+# JPEG segments a decoder needs: frame headers (SOF0-15 but DHT, JPG and DAC), Huffman and arithmetic tables,
+# quantisation tables, restart interval, line count and scans. Everything else (APPn: EXIF, XMP, ICC, MPF,
+# vendor data; COM) is dropped wherever it sits, between scans of a progressive file included.
+_JPEG_KEEP = {m for m in range(0xC0, 0xD0) if m != 0xC8} | {0xDA, 0xDB, 0xDC, 0xDD}
+_JPEG_RST = range(0xD0, 0xD8)
+# Pillow modes a PNG is re-encoded in as they are (lossless, 16-bit greyscale included).
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
-def _strip_jpeg(data: bytes) -> bytes | None:
-    """Drop EXIF/XMP/IPTC/comment segments and anything after the image from a JPEG without re-encoding.
+def _jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes((0xFF, marker)) + (len(body) + 2).to_bytes(2, "big") + body
 
-    Returns None if the layout is unexpected. Data after the end-of-image marker (a second picture of a
-    multi-picture file, camera trailers) is dropped too: it can carry its own metadata.
+
+def _rebuilt_app(marker: int, body: bytes) -> bytes:
+    """A fresh JFIF (APP0, no thumbnail) or Adobe (APP14, colour transform only) segment; b"" for any other APPn."""
+    if marker == 0xE0 and body[:5] == b"JFIF\x00" and len(body) >= 14:
+        units = body[7] if body[7] <= 2 else 0  # version 1.02, density units and density; no thumbnail
+        return _jpeg_segment(0xE0, b"JFIF\x00\x01\x02" + bytes((units,)) + body[8:12] + b"\x00\x00")
+    if marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
+        transform = body[11] if body[11] <= 2 else 0
+        return _jpeg_segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00" + bytes((transform,)))
+    return b""
+
+
+def _rebuild_jpeg(data: bytes) -> bytes | None:
+    """Rebuild a JPEG from an allow-list of segments, keeping its compressed pixels bit for bit.
+
+    Walks every marker up to the first end-of-image, skipping over each scan's entropy-coded data, so a segment
+    between the scans of a progressive JPEG is seen too; nothing after the end-of-image (a second picture of a
+    multi-picture file, camera trailers) is kept. A scan cut off before its end keeps no data: such a file cannot
+    be decoded anyway, and its tail could be anything. Returns None if the layout is not a JPEG's.
     """
     if data[:2] != b"\xff\xd8":
         return None
     out = bytearray(b"\xff\xd8")
-    pos = 2
-    while pos + 4 <= len(data):
+    pos, size = 2, len(data)
+    while pos < size:
         if data[pos] != 0xFF:
             return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
+        while pos < size and data[pos] == 0xFF:  # fill bytes before a marker
             pos += 1
+        if pos >= size:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return bytes(out + b"\xff\xd9")
+        if marker in _JPEG_RST or marker in (0x01, 0xD8):  # stand-alone markers out of place carry nothing
             continue
-        if marker == 0xDA:  # start of scan: image data up to the end-of-image marker
-            end = data.find(b"\xff\xd9", pos)
-            out += data[pos:] if end < 0 else data[pos : end + 2]
-            return bytes(out)
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = data[pos : pos + 2 + length]
-        icc = marker == 0xE2 and segment[4:16] == b"ICC_PROFILE\x00"
-        if not ((0xE0 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP and not icc) or marker == 0xFE):
-            out += segment
-        pos += 2 + length
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > size:
+            return None
+        body = data[pos + 2 : pos + length]
+        pos += length
+        if marker in _JPEG_KEEP:
+            out += _jpeg_segment(marker, body)
+        elif 0xE0 <= marker <= 0xEF:
+            out += _rebuilt_app(marker, body)
+        if marker != 0xDA:
+            continue
+        start = pos  # entropy-coded data: up to a marker other than a stuffed 0xFF00 or a restart marker
+        while True:
+            ff = data.find(b"\xff", pos)
+            if ff < 0 or ff + 1 >= size:
+                return bytes(out)  # cut off inside a scan: decoding it fails with "truncated" either way
+            following = data[ff + 1]
+            if following == 0x00 or following in _JPEG_RST:
+                pos = ff + 2
+            elif following == 0xFF:  # fill bytes: the marker is what follows them
+                pos = ff + 1
+            else:
+                break
+        while ff > start and data[ff - 1] == 0xFF:
+            ff -= 1
+        out += data[start:ff]
+        pos = ff
     return None
 
 
-def _strip_png(data: bytes) -> bytes | None:
-    """Keep only a PNG's pixel and colour chunks, without touching pixels; None if the layout is unexpected."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
+def _reencoded_png(img: Image.Image) -> bytes | None:
+    """Write a decoded image as a fresh PNG in its own mode (lossless) with nothing but its pixels.
+
+    Keeps the transparency decoding needs; unused palette entries are blanked. Returns None for a mode PNG cannot
+    hold as it is.
+    """
+    if img.mode not in _PNG_MODES:
         return None
-    out = bytearray(data[:8])
-    pos = 8
-    while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if kind in _PNG_KEEP:
-            out += data[pos:end]
-        pos = end
-        if kind == b"IEND":
-            return bytes(out)
-    return None
+    transparency = img.info.get("transparency")
+    img.info = {}  # Pillow would write a profile, EXIF or text it finds here into the new file
+    if img.mode == "P":
+        used = {index for _, index in img.getcolors(256) or []}
+        palette = img.getpalette() or []
+        img.putpalette([v if i // 3 in used else 0 for i, v in enumerate(palette)])
+        if isinstance(transparency, bytes):
+            transparency = bytes(a if i in used else 255 for i, a in enumerate(transparency))
+    out = io.BytesIO()
+    extra = {} if transparency is None else {"transparency": transparency}
+    img.save(out, "PNG", compress_level=3, **extra)  # 2-3x faster than the default 6, files ~8 % larger
+    return out.getvalue()
 
 
 def strip_metadata(data: bytes) -> tuple[bytes, str]:
-    """Return the image without identifying metadata (EXIF, GPS, XMP, IPTC, text), and its format.
+    """Return the image without identifying metadata (EXIF, GPS, XMP, IPTC, ICC, text, trailers), and its format.
 
-    JPEG and PNG are stripped losslessly segment by segment; one that an EXIF tag says is rotated is
-    re-encoded upright (JPEG at quality 95, PNG losslessly) since dropping the tag would turn it; BMP carries
-    no metadata; TIFF (whose tags can hold anything) is re-encoded as lossless PNG.
+    Only what decoding needs is stored. A JPEG is rebuilt from an allow-list of segments (its compressed pixels
+    untouched), or re-encoded upright at quality 95 when an EXIF tag says it is rotated, since dropping the tag
+    would turn it. PNG and BMP are decoded and written as a fresh lossless PNG in their own mode (upright); TIFF
+    (whose tags can hold anything, and whose modes PNG may not hold) as a lossless 8-bit RGB PNG.
     """
     fmt = sniff_format(data)
-    if fmt == "BMP":
-        return data, fmt
-    if fmt in ("JPEG", "PNG"):
+    if fmt == "JPEG":
         with Image.open(io.BytesIO(data)) as img:
             rotated = _orientation(img) != 1
-        stripped = None if rotated else _strip_jpeg(data) if fmt == "JPEG" else _strip_png(data)
-        if stripped is not None:
-            return stripped, fmt
+        rebuilt = None if rotated else _rebuild_jpeg(data)
+        if rebuilt is not None:
+            return rebuilt, fmt
+    elif fmt in ("PNG", "BMP"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    orientation = _orientation(img)
+                    img.load()
+                    upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+                    png = _reencoded_png(upright)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError("image dimensions too large (possible decompression bomb)") from None
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+            raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from None
+        if png is not None:
+            return png, "PNG"
     upright = decode_rgb(data)
     upright.info = {}  # Pillow writes a comment, profile or transparency it finds here into the new file
     out = io.BytesIO()

@@ -33,6 +33,10 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove key if present."""
 
+    def list_keys(self, prefix: str, older_than: float | None = None) -> list[str]:
+        """Return every key that starts with prefix (a folder-like prefix ending in '/'), optionally only those
+        last written before older_than (a Unix time)."""
+
     def check(self) -> None:
         """Raise StorageError unless storage is reachable and writable."""
 
@@ -70,12 +74,25 @@ class LocalStorage:
             raise StorageError(f"object {key} not found") from None
 
     def exists(self, key: str) -> bool:
-        """Return whether the object's file exists."""
-        return self._path(key).is_file()
+        """Return whether the object's file exists; StorageError if the images folder itself is gone or unreadable."""
+        if not self.root.is_dir():
+            raise StorageError(f"images folder {self.root} is missing (is the volume mounted?)")
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:
+            raise StorageError(f"cannot check object {key}: {exc}") from exc
 
     def delete(self, key: str) -> None:
         """Delete the object's file if present."""
         self._path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str, older_than: float | None = None) -> list[str]:
+        """Return the keys of the files below a folder prefix (a killed put's temporary files included)."""
+        folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and (older_than is None or p.stat().st_mtime < older_than))
 
     def check(self) -> None:
         """Check the folder is writable."""
@@ -134,16 +151,32 @@ class S3Storage:
         return response.data
 
     def exists(self, key: str) -> bool:
-        """Return whether the object exists (HEAD)."""
+        """Return whether the object exists (HEAD); StorageError if storage cannot say (unreachable, no bucket)."""
         from botocore.exceptions import ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"cannot check object {key}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - connection errors and timeouts are outages, not answers
             raise StorageError(f"cannot check object {key}: {exc}") from exc
+        self._check_bucket()  # a HEAD answers 404 alike for a missing object and a missing bucket
+        return False
+
+    def _check_bucket(self) -> None:
+        """Raise StorageError if the bucket does not exist or cannot be reached."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"bucket {self.bucket} does not exist") from exc
+            raise StorageError(f"bucket {self.bucket} unreachable: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"bucket {self.bucket} unreachable: {exc}") from exc
 
     def delete(self, key: str) -> None:
         """Delete an object (no error if absent)."""
@@ -151,6 +184,15 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot delete object {key}: {exc}") from exc
+
+    def list_keys(self, prefix: str, older_than: float | None = None) -> list[str]:
+        """Return the keys of the bucket's objects that start with prefix (every page of the listing)."""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])
+                    if older_than is None or o["LastModified"].timestamp() < older_than]
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot list objects under {prefix}: {exc}") from exc
 
     def check(self) -> None:
         """HEAD the bucket."""

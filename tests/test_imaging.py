@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin, TiffImagePlugin
+from tests_helpers import sixteen_bit_png
 
-from skinscan.imaging import MAX_PIXELS, ImageError, decode_rgb, sniff_format, strip_metadata
+from skinscan.imaging import MAX_HIGH_DEPTH_PIXELS, MAX_PIXELS, ImageError, decode_rgb, sniff_format, strip_metadata
 
 SERIAL = "CAM-SERIAL-5551234"
 ARTIST = "Dr Jane Example"
@@ -205,8 +209,9 @@ def test_multi_picture_jpeg_is_a_jpeg_and_keeps_only_the_first_picture() -> None
 # --- identifying metadata removed, pixels untouched ----------------------------------------------------------
 
 def test_jpeg_metadata_removed_losslessly() -> None:
-    """EXIF (GPS, date, serial), XMP, comments and trailing data go; the pixels and ICC profile stay."""
-    icc = b"\x00" * 128  # a placeholder profile payload is enough to check the segment survives
+    """EXIF (GPS, date, serial), XMP, comments, the ICC profile (free text: device, description) and trailing
+    data go; the pixels stay."""
+    icc = b"\x00" * 128 + ARTIST.encode()  # a profile's text tags can name anything
     base = jpeg_with_identifying_metadata()
     with_icc = encode(Image.open(io.BytesIO(base)), "JPEG", quality=92, icc_profile=icc,
                       exif=Image.open(io.BytesIO(base)).getexif(), comment=b"patient 12345 Jane Example")
@@ -216,7 +221,7 @@ def test_jpeg_metadata_removed_losslessly() -> None:
     stripped, fmt = strip_metadata(data)
     assert fmt == "JPEG"
     assert_no_identifying_metadata(stripped)
-    assert b"ICC_PROFILE\x00" in stripped
+    assert b"ICC_PROFILE\x00" not in stripped
     assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(with_icc)))
     stripped_xmp, _ = strip_metadata(base)
     assert_no_identifying_metadata(stripped_xmp)
@@ -259,11 +264,15 @@ def test_tiff_is_converted_to_png_without_tags() -> None:
     assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(img))
 
 
-def test_bmp_is_stored_as_sent() -> None:
-    """BMP has no metadata to strip; it is kept byte for byte."""
-    data = encode(lesion(), "BMP")
-    assert strip_metadata(data) == (data, "BMP")
-    assert decode_rgb(data).size == (48, 32)
+def test_bmp_is_stored_as_a_fresh_png() -> None:
+    """A BMP is stored as a lossless PNG of its pixels: bytes appended to it (or hidden in its headers) go."""
+    for img in (lesion(), lesion().convert("L"), lesion().convert("P")):
+        data = encode(img, "BMP") + b"\x00TRAILER " + ARTIST.encode()
+        stripped, fmt = strip_metadata(data)
+        assert fmt == "PNG" and ARTIST.encode() not in stripped and b"TRAILER" not in stripped
+        with Image.open(io.BytesIO(stripped)) as out:
+            assert out.mode == img.mode and not out.info
+        assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
 
 
 def test_real_dermoscopy_jpeg_round_trip(isic2017_dir) -> None:  # type: ignore[no-untyped-def]
@@ -274,3 +283,82 @@ def test_real_dermoscopy_jpeg_round_trip(isic2017_dir) -> None:  # type: ignore[
     assert fmt == "JPEG"
     assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
     assert min(decode_rgb(data, draft_size=64).size) >= 64
+
+
+def test_palette_png_keeps_its_transparency_and_loses_its_profile_name() -> None:
+    """A palette PNG with transparent entries and an iCCP chunk whose name identifies someone: the stored copy has
+    no iCCP, no unused palette colours, and decodes to the same pixels."""
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([255, 255, 255, 0, 200, 0] + [74, 97, 110] * 254)  # unused entries spell text bytes
+    pal.paste(0, (0, 0, 8, 16))
+    data = encode(pal, "PNG", transparency=0)
+    body = ARTIST.encode() + b"\x00\x00" + zlib.compress(b"\x00" * 128)
+    iccp = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    data = data[:33] + iccp + data[33:]
+    stripped, fmt = strip_metadata(data)
+    assert fmt == "PNG" and b"iCCP" not in stripped and ARTIST.encode() not in stripped
+    assert bytes([74, 97, 110]) not in stripped
+    assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
+
+
+def test_progressive_jpeg_loses_segments_between_scans_and_keeps_pixels() -> None:
+    """An EXIF block and a comment put between two scans of a progressive JPEG are dropped; pixels stay exact."""
+    data = encode(lesion((96, 64)), "JPEG", quality=90, progressive=True)
+    second = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)
+    exif = Image.Exif()
+    exif[0xA431] = SERIAL
+    app1 = exif.tobytes()
+    comment = ARTIST.encode()
+    data = (data[:second] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1
+            + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + data[second:])
+    stripped, fmt = strip_metadata(data)
+    assert fmt == "JPEG"
+    assert_no_identifying_metadata(stripped)
+    assert stripped.count(b"\xff\xda") == data.count(b"\xff\xda")
+    assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
+
+
+# --- decode memory is bounded (issue 12, point 7) ---------------------------------------------------------------
+
+def decode_peak_mb(data: bytes, tmp_path: Path) -> tuple[float, str]:
+    """Decode bytes in a fresh process; return its peak RSS growth in MB while decoding, and the outcome."""
+    path = tmp_path / "image.bin"
+    path.write_bytes(data)
+    script = (
+        "import resource, sys\n"
+        "from skinscan.imaging import ImageError, decode_rgb\n"
+        f"data = open({str(path)!r}, 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    outcome = 'decoded %dx%d' % decode_rgb(data, draft_size=256).size\n"
+        "except ImageError as exc:\n"
+        "    outcome = 'ImageError: %s' % exc\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((peak - before) / 1024)\n"
+        "print(outcome)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    growth, outcome = done.stdout.strip().split("\n", 1)
+    return float(growth), outcome
+
+
+def test_sixteen_bit_bomb_fails_alone_with_bounded_memory(tmp_path: Path) -> None:
+    """A ~100 KB 16-bit PNG of 49 megapixels (under the 8-bit pixel limit) is refused before decoding, with the
+    reason, instead of costing over a gigabyte of memory."""
+    data = sixteen_bit_png(7000, 7000)
+    assert len(data) < 200_000
+    with pytest.raises(ImageError, match="16-bit image too large"):
+        sniff_format(data)
+    growth, outcome = decode_peak_mb(data, tmp_path)
+    assert outcome.startswith("ImageError: 16-bit image too large to decode safely (7000x7000 pixels"), outcome
+    assert growth < 50, growth
+
+
+def test_sixteen_bit_decode_under_the_limit_costs_little_memory(tmp_path: Path) -> None:
+    """A 16-bit image just under its limit decodes with a few bytes per pixel (no full-size float copies): less
+    than an 8-bit RGB image at the pixel limit would take."""
+    width, height = 4000, MAX_HIGH_DEPTH_PIXELS // 4000
+    growth, outcome = decode_peak_mb(sixteen_bit_png(width, height), tmp_path)
+    assert outcome == f"decoded {width}x{height}", outcome
+    assert growth < width * height * 10 / 2**20, growth  # ~9 bytes a pixel: samples, 8-bit copy, RGB
+    assert growth < MAX_PIXELS * 4 / 2**20

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
+import zlib
 from typing import Any
 
 
@@ -17,3 +19,15 @@ def other_clinic_headers(settings: Any) -> dict[str, str]:
         session.add(clinic)
         session.flush()
         return {"Authorization": f"Bearer {create_api_key(session, clinic)}"}
+
+
+def sixteen_bit_png(width: int, height: int) -> bytes:
+    """A flat 16-bit greyscale PNG written row by row: a tiny file that decodes to width*height*2 bytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" + b"\x12\x34" * width
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

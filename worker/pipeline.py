@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Tries per image: a delivery that crashed, timed out or hit an outage counts one try for each image it tried.
 MAX_ATTEMPTS = 8
 MISSING_OBJECT = "the stored image is missing (it was deleted from storage); upload it again"
+# Tries on an image whose stored object is not found before it fails as missing: storage that lags (a replica, a
+# restore in progress) gets the task's backoff between tries to catch up. A missing bucket is an outage instead.
+MISSING_ATTEMPTS = 4
 # Errors of a service, not of an image: the task retries with backoff and the image stays pending.
 TRANSIENT_ERRORS = (StorageError, DBAPIError, ConnectionError, TimeoutError)
 
@@ -127,6 +130,26 @@ def score_items(scorer: Scorer, storage: Storage, items: list[tuple[str, str | N
     return [Scored(i, error=MISSING_OBJECT) for i in missing] + results
 
 
+def _look_again(job_id: str, group: list[tuple[str, str, int]], results: list[Scored],
+                settings: Settings) -> tuple[list[Scored], list[str]]:
+    """Keep pending the images whose stored object was not found on a try before their MISSING_ATTEMPTS-th.
+
+    Returns the results to record now and the ids left pending (their task retries with backoff).
+    """
+    tries = {i: attempts + 1 for i, key, attempts in group if key}
+    later = [r.image_id for r in results
+             if r.error == MISSING_OBJECT and r.image_id in tries and tries[r.image_id] < MISSING_ATTEMPTS]
+    for image_id in later:
+        note_error(job_id, [image_id], f"the stored image was not found (try {tries[image_id]} of "
+                   f"{MISSING_ATTEMPTS}); it is looked for again", settings)
+    if later:
+        log.warning("job %s: %d stored images not found; looking again later", job_id, len(later))
+    final = [Scored(r.image_id, error=f"{MISSING_OBJECT} (not found in {tries[r.image_id]} tries)")
+             if r.error == MISSING_OBJECT and r.image_id in tries else r
+             for r in results if r.image_id not in later]
+    return final, later
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
@@ -165,6 +188,8 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
             note_error(job_id, ids, _describe(exc), settings)
             incomplete += ids
             continue
+        results, not_found = _look_again(job_id, group, results, settings)
+        incomplete += not_found
         record_results(job_id, scorer, results, settings)
         scored += sum(1 for r in results if r.probabilities is not None)
     if incomplete:
