@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from skinscan.csvsafe import csv_row
 from skinscan.models import Image, Prediction, RescoreRun
 
 CSV_COLUMNS = ["image_id", "job_id", "filename", "change", "previous_model", "previous_label",
@@ -91,16 +92,16 @@ def change_counts(session: Session, run: RescoreRun, clinic_id: str | None = Non
 
 
 def iter_changes_csv(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """Yield the change report as CSV text (header first), a line at a time."""
+    """Yield the change report as CSV text (header first), a line at a time; text cells are formula-safe."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
     for r in rows:
-        writer.writerow([
+        writer.writerow(csv_row([
             r["image_id"], r["job_id"], r["filename"], r["change"], r["previous_model"], r["previous_label"],
             f"{r['previous_malignancy']:.6f}", int(r["previous_flagged"]), r["new_model"], r["new_label"],
             f"{r['new_malignancy']:.6f}", int(r["new_flagged"]), r["true_label"] or "",
-        ])
+        ]))
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()

@@ -90,7 +90,8 @@ def cmd_web(args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.check_production()
     argv = ["--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
-            "--threads", str(args.threads), "--timeout", "300", "--access-logfile", "-", "web:create_app()"]
+            "--threads", str(args.threads), "--timeout", "300", "--access-logfile", "-",
+            "--config", "python:web.gunicorn_conf", "web:create_app()"]
     # gunicorn in a fresh interpreter (same pid): the web processes then carry only what the app imports, not
     # the command line's (the train command's parser imports torch: ~800 MB more in every web process).
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *argv])
@@ -142,6 +143,19 @@ def cmd_beat(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_orphans(args: argparse.Namespace) -> int:
+    """Delete stored images of uploads refused or interrupted longer ago than the grace period."""
+    from skinscan.orphans import sweep_legacy_orphans, sweep_orphans
+
+    settings = load_settings()
+    removed = sweep_orphans(settings, grace_seconds=args.grace)
+    if args.legacy:
+        removed += sweep_legacy_orphans(settings, grace_seconds=args.grace)
+    log.info("orphan sweep: %d stored images removed", removed)
+    print(removed)  # noqa: T201 - the command's output: how many objects were removed
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Upgrade (or downgrade) the database schema."""
     from skinscan.migrate import downgrade, upgrade
@@ -189,12 +203,23 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     from skinscan.models import Clinic, User
     from skinscan.security import hash_password
 
+    if args.password is not None:
+        raise SystemExit("--password is no longer accepted: a password on the command line is visible to every "
+                         "user of the machine (ps, /proc); pipe it in with --password-stdin, or leave both out "
+                         "to be asked for it")
     settings = load_settings()
-    password = args.password or os.environ.get("SKINSCAN_USER_PASSWORD")
     generated = False
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise SystemExit("--password-stdin: no password on standard input")
+    else:
+        password = os.environ.get("SKINSCAN_USER_PASSWORD") or ""
     if not password:
         if sys.stdin.isatty():
             password = getpass.getpass("Password: ")
+            if getpass.getpass("Password again: ") != password:
+                raise SystemExit("the two passwords differ; nothing was changed")
         else:
             password, generated = secrets.token_urlsafe(12), True
     if len(password) < 8:
@@ -237,6 +262,15 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     p = sub.add_parser("beat", help="Celery beat (nightly re-scoring, stalled-job sweeper)")
     p.set_defaults(func=cmd_beat)
 
+    p = sub.add_parser("sweep-orphans", help="delete stored images that no committed job claims (uploads refused "
+                                             "or interrupted longer ago than SKINSCAN_ORPHAN_GRACE_SECONDS)")
+    p.add_argument("--grace", type=int, default=None, metavar="SECONDS",
+                   help="only uploads begun at least this long ago (default: SKINSCAN_ORPHAN_GRACE_SECONDS)")
+    p.add_argument("--legacy", action="store_true",
+                   help="also list the whole bucket for images stored before uploads recorded their intent "
+                        "(once, after upgrading) and delete those no image row claims")
+    p.set_defaults(func=cmd_sweep_orphans)
+
     p = sub.add_parser("migrate", help="upgrade the database schema")
     p.add_argument("--revision", default="head")
     p.add_argument("--downgrade", default=None, metavar="REVISION")
@@ -255,7 +289,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     u = usub.add_parser("create", help="add a user to a clinic")
     u.add_argument("clinic")
     u.add_argument("email")
-    u.add_argument("--password", default=None, help="else SKINSCAN_USER_PASSWORD, a prompt, or generated")
+    u.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input (else SKINSCAN_USER_PASSWORD, "
+                        "a prompt on a terminal, or a generated one that is printed once)")
+    u.add_argument("--password", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     u.set_defaults(func=cmd_users_create)
 
     from skinscan.submit import add_arguments as submit_arguments

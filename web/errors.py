@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from web.context import close_db
@@ -30,6 +30,12 @@ def register(app: Flask) -> None:
     """Install error handlers and the session teardown."""
     app.teardown_appcontext(close_db)
 
+    @app.before_request
+    def _refuse_nul_in_headers() -> None:
+        # gunicorn refuses these itself (web.gunicorn_conf answers JSON); Werkzeug's server passes them on.
+        if any("\x00" in name or "\x00" in value for name, value in request.headers.items()):
+            abort(400, description="bad request: a request header contains a NUL byte")
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):  # type: ignore[no-untyped-def]
         body: dict[str, object] = {"error": exc.message, "status": exc.status}
@@ -45,8 +51,9 @@ def register(app: Flask) -> None:
             exc.code or 500, exc.description or exc.name)
         if exc.code == 413:
             from web.context import settings
+            from web.limits import too_large_message
 
-            message = f"upload too large: the limit is {settings().max_upload_bytes:,} bytes per request"
+            message = too_large_message(settings())
         return jsonify({"error": message, "status": exc.code}), exc.code
 
     @app.errorhandler(Exception)

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from skinscan.csvsafe import csv_row
 from skinscan.labels import CLASSES
 from skinscan.models import Image, Job, Prediction
 from skinscan.registry import production_model
@@ -68,7 +69,7 @@ def job_images(session: Session, job: Job, limit: int | None = None, offset: int
 
 
 def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
-    """Yield the job's results as CSV text, a page of rows at a time (memory stays flat for big jobs)."""
+    """Yield the job's results as CSV text, a page of rows at a time; text cells are formula-safe (csv_row)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
@@ -79,13 +80,13 @@ def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
             break
         for r in rows_for(session, images, job):
             probs = r["probabilities"] or {}
-            writer.writerow([
+            writer.writerow(csv_row([  # file names, labels and errors come from the clinic: no formulas
                 r["image_id"], r["filename"], r["status"], r["predicted_label"] or "",
                 *[f"{probs[c]:.6f}" if c in probs else "" for c in CLASSES],
                 "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
                 "" if r["flagged"] is None else int(r["flagged"]), r["model_version"] or "",
                 r["true_label"] or "", r["error"] or "",
-            ])
+            ]))
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()

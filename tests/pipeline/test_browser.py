@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realservices import ROOT, free_port, wait_port
+from realservices import ROOT, free_port, missing_service, wait_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,9 +25,9 @@ PASSWORD = "browser-test-password"
 EMAIL = "nurse@browser-clinic.example"
 
 
-def _cli(env: dict[str, str], *args: str) -> str:
+def _cli(env: dict[str, str], *args: str, stdin: str = "") -> str:
     out = subprocess.run([sys.executable, "-m", "skinscan.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+                         text=True, timeout=300, input=stdin)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -43,7 +43,7 @@ def live_server(tmp_path: Path, smoke_bundle: Path) -> Iterator[str]:
     env.update({"SKINSCAN_DATA_DIR": str(tmp_path / "data"), "SKINSCAN_MODEL": str(smoke_bundle),
                 "SKINSCAN_CHUNK_SIZE": "4"})
     _cli(env, "clinics", "create", "Browser Clinic")
-    _cli(env, "users", "create", "Browser Clinic", EMAIL, "--password", PASSWORD)
+    _cli(env, "users", "create", "Browser Clinic", EMAIL, "--password-stdin", stdin=PASSWORD + "\n")
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen([sys.executable, "-m", "skinscan.cli", "serve", "--port", str(port)], env=env,
@@ -64,7 +64,7 @@ def live_server(tmp_path: Path, smoke_bundle: Path) -> Iterator[str]:
 def browser(tmp_path: Path) -> Iterator[Any]:
     """Headless Debian Chromium driven by its chromedriver (never a downloaded browser)."""
     if not CHROMIUM.is_file() or not CHROMEDRIVER.is_file():
-        pytest.skip("headless Chromium is not installed: apt-get install chromium chromium-driver "
+        missing_service("headless Chromium is not installed: apt-get install chromium chromium-driver "
                     "(.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import abort, flash, g, redirect, render_template, request, session, url_for
+from flask import abort, flash, g, make_response, redirect, render_template, request, session, url_for
 from sqlalchemy import select
 
 from skinscan import audit
@@ -17,6 +17,7 @@ from skinscan.security import verify_password
 from web.context import db
 from web.errors import wants_json
 from web.pages.common import page_blueprint, safe_next
+from web.ratelimit import signin_throttle
 
 log = logging.getLogger(__name__)
 bp = page_blueprint("auth")
@@ -78,9 +79,15 @@ def signin():  # type: ignore[no-untyped-def]
         return render_template("signin.html", next=target, email="")
     email = request.form.get("email", "").strip().lower()[:320]
     password = request.form.get("password", "")
+    address = request.remote_addr or "unknown"
+    throttle = signin_throttle()
+    wait = throttle.retry_after(email, address)
+    if wait:
+        return _throttled(target, email, wait)
     user = db().scalars(select(User).where(User.email == email)).first() if email else None
     if not verify_password(user, password):
-        log.warning("failed sign-in for %r from %s", email, request.remote_addr)
+        log.warning("failed sign-in for %r from %s", email, address)
+        throttle.failed(email, address)
         flash("Email or password is not right.", "error")
         return render_template("signin.html", next=target, email=email), 401
     assert user is not None
@@ -91,6 +98,17 @@ def signin():  # type: ignore[no-untyped-def]
     db().commit()
     log.info("user %s signed in", user.email)
     return redirect(target)
+
+
+def _throttled(target: str, email: str, wait: int):  # type: ignore[no-untyped-def]
+    """Answer a sign-in refused for too many failures: 429 with Retry-After and when to try again."""
+    log.warning("sign-in throttled for %r from %s (%d s left)", email, request.remote_addr, wait)
+    minutes = (wait + 59) // 60
+    flash(f"Too many failed sign-ins for this account or from this address. For your security, sign-in is "
+          f"paused: try again in {minutes} minute{'' if minutes == 1 else 's'}.", "error")
+    response = make_response(render_template("signin.html", next=target, email=email), 429)
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 @bp.post("/signout")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote, urlsplit
+
 from flask import Blueprint, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
@@ -26,9 +28,10 @@ def page_error(exc: HTTPException):  # type: ignore[no-untyped-def]
                    "another site). Reload the page and try again.")
     elif exc.code == 413:
         from web.context import settings
+        from web.limits import too_large_message
 
-        message = (f"The upload is too large: the limit is {settings().max_upload_bytes:,} bytes per upload. "
-                   "Split it into several jobs or a smaller zip.")
+        message = too_large_message(settings())
+        message = message[:1].upper() + message[1:] + ". Split it into several jobs or a smaller zip."
     if wants_json():
         return jsonify({"error": message, "status": exc.code}), exc.code
     return render_template("error.html", code=exc.code, message=message), exc.code
@@ -52,8 +55,21 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
+# Characters left as they are when a `next` path is rebuilt; everything else (controls, spaces, backslashes,
+# non-ASCII) is percent-encoded, so a browser cannot read the result as another host.
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
 def safe_next(target: str | None, default: str) -> str:
-    """Return a local path to go to after sign-in, refusing anything that could leave the site."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Return a path on this site to go to after sign-in: `target` parsed and rebuilt, else `default`."""
+    if not target:
         return default
-    return target
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return default
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        return default
+    path = "/" + quote(parts.path, safe=_PATH_SAFE).lstrip("/")
+    return path + ("?" + quote(parts.query, safe=_QUERY_SAFE) if parts.query else "")
