@@ -66,6 +66,9 @@ class Settings:
     max_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_zip_ratio: int = 200
     rate_limit_per_minute: int = 600
+    signin_failures_per_account: int = 10  # failed sign-ins per window before 429 (0: no limit)
+    signin_failures_per_address: int = 20
+    signin_window_seconds: int = 900
     rescore_enabled: bool = True
     rescore_hour: int = 2
     rescore_minute: int = 0
@@ -73,7 +76,8 @@ class Settings:
     task_max_retries: int = 5
     sweep_interval_seconds: int = 60
     upload_timeout_seconds: int = 86_400
-    visibility_timeout: int = 3600
+    orphan_grace_seconds: int = 3600
+    visibility_timeout: int = 30
     task_time_limit: int = 1800
     log_level: str = "INFO"
     referral_sensitivity: float | None = None  # None: the bundle's default operating point
@@ -131,6 +135,9 @@ def load_settings() -> Settings:
         max_upload_bytes=_int("SKINSCAN_MAX_UPLOAD_BYTES", 4 * 1024 * 1024 * 1024),
         max_zip_ratio=_int("SKINSCAN_MAX_ZIP_RATIO", 200),
         rate_limit_per_minute=_int("SKINSCAN_RATE_LIMIT_PER_MINUTE", 600),
+        signin_failures_per_account=_int("SKINSCAN_SIGNIN_FAILURES_PER_ACCOUNT", 10),
+        signin_failures_per_address=_int("SKINSCAN_SIGNIN_FAILURES_PER_ADDRESS", 20),
+        signin_window_seconds=_int("SKINSCAN_SIGNIN_WINDOW_SECONDS", 900),
         rescore_enabled=_bool("SKINSCAN_RESCORE_ENABLED", True),
         rescore_hour=_int("SKINSCAN_RESCORE_HOUR", 2),
         rescore_minute=_int("SKINSCAN_RESCORE_MINUTE", 0),
@@ -138,7 +145,8 @@ def load_settings() -> Settings:
         task_max_retries=_int("SKINSCAN_TASK_MAX_RETRIES", 5),
         sweep_interval_seconds=_int("SKINSCAN_SWEEP_INTERVAL_SECONDS", 60),
         upload_timeout_seconds=_int("SKINSCAN_UPLOAD_TIMEOUT_SECONDS", 86_400),
-        visibility_timeout=_int("SKINSCAN_VISIBILITY_TIMEOUT", 3600),
+        orphan_grace_seconds=_int("SKINSCAN_ORPHAN_GRACE_SECONDS", 3600),
+        visibility_timeout=_int("SKINSCAN_VISIBILITY_TIMEOUT", 30),
         task_time_limit=_int("SKINSCAN_TASK_TIME_LIMIT", 1800),
         log_level=os.environ.get("SKINSCAN_LOG_LEVEL", "INFO"),
         referral_sensitivity=_fraction("SKINSCAN_REFERRAL_SENSITIVITY"),
