@@ -19,13 +19,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
+import pytest
 
 PG_ADMIN = os.environ.get("SKINSCAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("SKINSCAN_TEST_REDIS", "redis://127.0.0.1:6379")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def missing_service(reason: str) -> NoReturn:
+    """Skip the test for a service that is not there, or fail it under CI=true, where every service must be."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true, so a missing service fails the run instead of skipping", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -83,13 +91,22 @@ class MotoS3:
             self.proc = None
             self.url = external.rstrip("/")
             self.port = int(self.url.rsplit(":", 1)[1])
-            wait_port("127.0.0.1", self.port)
+            try:
+                wait_port("127.0.0.1", self.port)
+            except TimeoutError:
+                missing_service(f"no S3 server at SKINSCAN_TEST_S3_ENDPOINT={external}")
             return
         self.port = free_port()
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        if not Path(exe).is_file():
+            missing_service(f"moto's S3 server ({exe}) is not installed: pip install 'moto[server]'")
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port("127.0.0.1", self.port, timeout=120)
+        try:
+            wait_port("127.0.0.1", self.port, timeout=120)
+        except TimeoutError:
+            self.close()
+            missing_service(f"moto's S3 server did not start on port {self.port}")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from skinscan.labels import CLASSES
-from training.datasets import DatasetError, read_dataset
+from training.datasets import DatasetError, Sample, read_dataset
 
 ONEHOT_2018 = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
 ONEHOT_2019 = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
@@ -178,3 +178,117 @@ def test_bad_ground_truth_is_a_dataset_error(tmp_path: Path) -> None:
     (tmp_path / "truth.csv").write_text("image_id,melanoma,seborrheic_keratosis\nISIC_1,1,1\n")
     with pytest.raises(DatasetError, match="line 2: melanoma and seborrheic_keratosis cannot both be 1"):
         read_dataset(tmp_path / "truth.csv")
+
+
+# --- lesion ids from every official metadata layout ------------------------------------------------------------
+
+def _lesion_cut(ham_rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Real HAM10000 rows: three lesions of two images each (different diagnoses) and two one-image lesions."""
+    by_lesion: dict[str, list[dict[str, str]]] = {}
+    for row in ham_rows:
+        by_lesion.setdefault(row["lesion_id"], []).append(row)
+    picked: list[dict[str, str]] = []
+    seen_dx: set[str] = set()
+    for rows in by_lesion.values():
+        if len(rows) == 2 and rows[0]["dx"] not in seen_dx and len(seen_dx) < 3:
+            seen_dx.add(rows[0]["dx"])
+            picked += rows
+    picked += [rows[0] for rows in by_lesion.values() if len(rows) == 1][:2]
+    assert len(picked) == 8
+    return picked
+
+
+def _renamed_images(folder: Path, ham_dir: Path, rows: list[dict[str, str]], first: int) -> dict[str, dict[str, str]]:
+    """Symlink the rows' real images into folder under new ISIC-style ids; return new id -> row."""
+    folder.mkdir(parents=True)
+    out = {}
+    for i, row in enumerate(rows):
+        new_id = f"ISIC_{first + i:07d}"
+        (folder / f"{new_id}.jpg").symlink_to(ham_dir / "images" / f"{row['image_id']}.jpg")
+        out[new_id] = row
+    return out
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _assert_lesions(dataset_samples: list[Sample], by_id: dict[str, dict[str, str]], blank: str | None = None) -> None:
+    """Each sample carries its real lesion id (its own image id where the metadata leaves it blank), and images
+    of one lesion land in one split group."""
+    from training.splits import duplicate_groups
+
+    assert {s.image_id for s in dataset_samples} == set(by_id)
+    for s in dataset_samples:
+        expected = s.image_id if s.image_id == blank else by_id[s.image_id]["lesion_id"]
+        assert s.lesion_id == expected, s.image_id
+    groups = duplicate_groups(dataset_samples, list(range(len(dataset_samples))))  # distinct hashes
+    group_of = {s.image_id: g for s, g in zip(dataset_samples, groups, strict=True)}
+    for lesion in {r["lesion_id"] for i, r in by_id.items() if i != blank}:
+        members = [i for i, r in by_id.items() if r["lesion_id"] == lesion]
+        assert len(members) in (1, 2) and len({group_of[i] for i in members}) == 1, lesion
+    assert len(set(groups)) == len({r["lesion_id"] for r in by_id.values()})
+
+
+def test_isic2019_training_metadata_gives_lesion_ids(tmp_path: Path, ham_dir: Path,
+                                                     ham_rows: list[dict[str, str]]) -> None:
+    """ISIC 2019's layout: ISIC_2019_Training_Metadata.csv beside the ground truth, keyed by `image`, with
+    lesion_id (blank for some images). The folder is one dataset (the metadata is not a second ground truth),
+    and lesion ids, age, site and sex are read, passing the folder or the ground-truth CSV."""
+    by_id = _renamed_images(tmp_path / "ISIC_2019_Training_Input", ham_dir, _lesion_cut(ham_rows), 9_100_000)
+    (tmp_path / "ISIC_2019_Training_Input" / "LICENSE.txt").write_text("CC-BY-NC")
+    truth = _write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image", *ONEHOT_2019],
+                       [[i, *["1.0" if c == DX_TO_2019[r["dx"]] else "0.0" for c in ONEHOT_2019]]
+                        for i, r in by_id.items()])
+    blank = list(by_id)[-1]  # a one-image lesion with no lesion id in the metadata (as many ISIC 2019 rows)
+    _write_csv(tmp_path / "ISIC_2019_Training_Metadata.csv",
+               ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"],
+               [[i, r["age"], r["localization"], "" if i == blank else r["lesion_id"], r["sex"]]
+                for i, r in by_id.items()])
+    for dataset in (read_dataset(tmp_path), read_dataset(truth)):
+        assert dataset.format == "isic_onehot" and len(dataset.samples) == 8
+        assert {s.image_id: s.label for s in dataset.samples} == {i: r["dx"] for i, r in by_id.items()}
+        _assert_lesions(dataset.samples, by_id, blank)
+        for s in dataset.samples:
+            row = by_id[s.image_id]
+            assert s.meta["sex"] == row["sex"] and s.meta["anatom_site_general"] == row["localization"]
+            assert "image" not in s.meta and "lesion_id" not in s.meta
+
+
+def test_isic2017_data_metadata_gives_lesion_ids(tmp_path: Path, ham_dir: Path,
+                                                 ham_rows: list[dict[str, str]]) -> None:
+    """ISIC 2017's layout: ISIC-2017_*_Data_metadata.csv inside the images folder, keyed by `image_id`; a lesion_id
+    column there (as ISIC archive exports carry) is read."""
+    by_id = _renamed_images(tmp_path / "ISIC-2017_Training_Data", ham_dir, _lesion_cut(ham_rows), 9_200_000)
+    truth = _write_csv(tmp_path / "ISIC-2017_Training_Part3_GroundTruth.csv",
+                       ["image_id", "melanoma", "seborrheic_keratosis"],
+                       [[i, "1.0" if r["dx"] == "mel" else "0.0", "1.0" if r["dx"] == "bkl" else "0.0"]
+                        for i, r in by_id.items()])
+    _write_csv(tmp_path / "ISIC-2017_Training_Data" / "ISIC-2017_Training_Data_metadata.csv",
+               ["image_id", "age_approximate", "sex", "lesion_id"],
+               [[i, r["age"], r["sex"], r["lesion_id"]] for i, r in by_id.items()])
+    for dataset in (read_dataset(tmp_path), read_dataset(truth)):
+        assert dataset.format == "isic2017"
+        _assert_lesions(dataset.samples, by_id)
+        assert all(s.meta["age_approximate"] == by_id[s.image_id]["age"] for s in dataset.samples)
+
+
+def test_isic2018_lesion_groupings_give_lesion_ids(tmp_path: Path, ham_dir: Path,
+                                                   ham_rows: list[dict[str, str]]) -> None:
+    """ISIC 2018 Task 3's layout: ISIC2018_Task3_Training_LesionGroupings.csv (image, lesion_id,
+    diagnosis_confirm_type) beside the one-hot ground truth."""
+    by_id = _renamed_images(tmp_path / "ISIC2018_Task3_Training_Input", ham_dir, _lesion_cut(ham_rows), 9_300_000)
+    _write_csv(tmp_path / "ISIC2018_Task3_Training_GroundTruth.csv", ["image", *ONEHOT_2018],
+               [[i, *["1.0" if c == DX_TO_2018[r["dx"]] else "0.0" for c in ONEHOT_2018]] for i, r in by_id.items()])
+    _write_csv(tmp_path / "ISIC2018_Task3_Training_LesionGroupings.csv",
+               ["image", "lesion_id", "diagnosis_confirm_type"],
+               [[i, r["lesion_id"], r["dx_type"]] for i, r in by_id.items()])
+    dataset = read_dataset(tmp_path)
+    assert dataset.format == "isic_onehot"
+    _assert_lesions(dataset.samples, by_id)
+    assert {s.meta["diagnosis_confirm_type"] for s in dataset.samples} <= {"histo", "follow_up", "consensus",
+                                                                             "confocal"}

@@ -36,7 +36,9 @@ def referral_threshold(
     y_malignant: np.ndarray, malignant_score: np.ndarray, sensitivity: float = 0.95
 ) -> float:
     """Return the highest malignancy-score threshold whose validation sensitivity is at least the target."""
-    fpr, tpr, thresholds = roc_curve(y_malignant, malignant_score)
+    # Every threshold: the default drops ROC points on straight runs, and the point where sensitivity first
+    # reaches the target can be one of them (then a lower threshold than needed would be returned).
+    fpr, tpr, thresholds = roc_curve(y_malignant, malignant_score, drop_intermediate=False)
     ok = np.where(tpr >= sensitivity)[0]
     return float(min(1.0, thresholds[ok[0]])) if len(ok) else 0.0
 

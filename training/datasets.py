@@ -56,9 +56,37 @@ def _index_images(root: Path) -> dict[str, Path]:
     return index
 
 
-def _read_csv_meta(path: Path, key: str) -> dict[str, dict[str, str]]:
+# Side files that carry lesion ids and other metadata per image, by (lower-case) name: HAM10000_metadata.csv,
+# ISIC 2017's ISIC-2017_*_Data_metadata.csv and ISIC 2019's ISIC_2019_Training_Metadata.csv (in the images folder
+# or next to the ground truth), and ISIC 2018 Task 3's ISIC2018_Task3_Training_LesionGroupings.csv.
+METADATA_NAME_PARTS = ("metadata", "lesiongroupings")
+
+
+def _is_metadata_name(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".csv") and any(part in name for part in METADATA_NAME_PARTS)
+
+
+def _read_csv_meta(path: Path) -> dict[str, dict[str, str]]:
+    """Read a metadata CSV as image id -> its other columns; images keyed by `image_id` (HAM10000, ISIC 2017) or
+    `image` (ISIC 2018/2019)."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        return {row[key]: row for row in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in reader.fieldnames or []]
+        key = next((k for k in ("image_id", "image") if k in fields), None)
+        if key is None:
+            raise KeyError(f"{path.name}: no image_id or image column")
+        reader.fieldnames = fields
+        return {row[key].strip(): {k: (v or "").strip() for k, v in row.items() if k != key and k is not None}
+                for row in reader if row.get(key)}
+
+
+def _metadata_files(csv_path: Path, image_root: Path) -> list[Path]:
+    """Metadata CSVs of a ground-truth file: below its images folder, and beside the ground truth itself."""
+    found = [p for p in sorted(image_root.rglob("*.csv")) if _is_metadata_name(p)]
+    if csv_path.parent.resolve() != image_root.resolve():
+        found += [p for p in sorted(csv_path.parent.glob("*.csv")) if _is_metadata_name(p)]
+    return [p for p in dict.fromkeys(found) if p.resolve() != csv_path.resolve()]
 
 
 def _from_ground_truth(csv_path: Path, image_root: Path, name: str) -> Dataset:
@@ -68,12 +96,15 @@ def _from_ground_truth(csv_path: Path, image_root: Path, name: str) -> Dataset:
         raise DatasetError(f"{csv_path}: {exc}") from exc
     index = _index_images(image_root)
     meta: dict[str, dict[str, str]] = {}
-    for meta_csv in image_root.rglob("*_metadata.csv"):
-        if meta_csv != csv_path:
-            try:
-                meta.update(_read_csv_meta(meta_csv, "image_id"))
-            except (KeyError, csv.Error):
-                log.warning("ignoring unreadable metadata file %s", meta_csv)
+    for meta_csv in _metadata_files(csv_path, image_root):
+        try:
+            rows = _read_csv_meta(meta_csv)
+        except (KeyError, csv.Error, UnicodeDecodeError) as exc:
+            log.warning("ignoring unreadable metadata file %s (%s)", meta_csv, exc)
+            continue
+        for image_id, row in rows.items():
+            merged = meta.setdefault(image_id, {})
+            merged.update({k: v for k, v in row.items() if v or k not in merged})  # no blank over a value
     samples: list[Sample] = []
     missing = [i for i in truth.labels if i not in index]
     if missing:
@@ -82,7 +113,7 @@ def _from_ground_truth(csv_path: Path, image_root: Path, name: str) -> Dataset:
         )
     for image_id, label in truth.labels.items():
         extra = dict(truth.extra.get(image_id, {}))
-        extra.update({k: v for k, v in meta.get(image_id, {}).items() if k != "image_id"})
+        extra.update(meta.get(image_id, {}))
         lesion = extra.pop("lesion_id", "") or image_id
         samples.append(Sample(image_id, index[image_id], label, lesion, extra))
     return Dataset(name=name, format=truth.format, samples=samples, known_labels=truth.known_labels)
@@ -91,11 +122,12 @@ def _from_ground_truth(csv_path: Path, image_root: Path, name: str) -> Dataset:
 def _ground_truth_csvs(folder: Path) -> list[Path]:
     found = []
     for path in sorted(folder.glob("*.csv")):
-        if path.name.endswith("_metadata.csv") and path.name != "HAM10000_metadata.csv":
+        if _is_metadata_name(path) and path.name != "HAM10000_metadata.csv":
             continue
         with path.open(encoding="utf-8-sig") as fh:
-            header = fh.readline()
-        if ("image_id" in header and ("dx" in header or "melanoma" in header)) or header.startswith("image,"):
+            columns = {c.strip() for c in fh.readline().split(",")}
+        if ("image_id" in columns and ("dx" in columns or "melanoma" in columns)) or (
+                "image" in columns and "MEL" in columns):
             found.append(path)
     return found
 

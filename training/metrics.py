@@ -55,8 +55,10 @@ def classification_report(
 ) -> dict[str, Any]:
     """Return balanced accuracy, per-class precision/recall/F1/AUC, melanoma and malignant AUC, ECE and more.
 
-    known_labels restricts the multiclass figures to the classes a dataset can tell apart (ISIC 2017 knows
-    melanoma, seborrheic keratosis and nevus); melanoma-vs-rest figures are always computed.
+    The figures cover the classes present in the ground truth: balanced accuracy averages their recalls, the
+    macro AUC their one-vs-rest AUCs (a class with no image, or every image, has none). known_labels (the classes
+    a dataset can tell apart: ISIC 2017 knows melanoma, seborrheic keratosis and nevus) restricts nothing; it is
+    recorded in the report, every class by default, for readers such as the job page's confusion matrix.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)

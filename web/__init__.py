@@ -16,10 +16,14 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     """Application factory: configure from settings, register blueprints, error handlers and headers."""
     settings = settings or load_settings()
     settings.check_production()
+    from web.limits import CountingRequest, max_form_parts
+
     app = Flask(__name__)
+    app.request_class = CountingRequest
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        MAX_FORM_PARTS=max_form_parts(settings),  # Werkzeug's default (1,000) would cap SKINSCAN_MAX_FILES
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.production,
@@ -39,12 +43,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     from web import api_models
 
     app.register_blueprint(api_models.bp)
-    try:
-        from web import pages
-    except ImportError:  # pages are optional for an API-only deployment
-        pages = None
-    if pages is not None:
-        pages.init_app(app)
+    from web import pages  # a broken import here must stop start-up, not serve an app without its pages
+
+    pages.init_app(app)
 
     @app.after_request
     def _security_headers(response):  # type: ignore[no-untyped-def]

@@ -43,22 +43,35 @@ def _contains_conv(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
 
 
+def _is_norm_or_activation(module: torch.nn.Module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.BatchNorm2d) or type(module).__module__ == "torch.nn.modules.activation"
+
+
 def find_target_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the last convolutional block of a torchvision CNN, the layer whose output feeds the pooling.
+    """Return the last convolutional block of a CNN, the layer whose output feeds the pooling.
 
     That is the last top-level child holding a Conv2d (ResNet's layer4, RegNet's trunk_output, MobileNet's and
-    EfficientNet's features) and, when it is a Sequential of blocks, its last block holding a Conv2d.
+    EfficientNet's features) and, when it is a Sequential of blocks, its last block holding a Conv2d; when that
+    child is followed by its own normalisation or activation (timm's EfficientNet: conv_head, then bn2 with its
+    ReLU6), the last of those, so the heatmap weighs the rectified features the pooling sees.
     """
     import torch
 
-    children = [c for c in model.children() if _contains_conv(c)]
-    if not children:
+    children = list(model.children())
+    conv = [i for i, c in enumerate(children) if _contains_conv(c)]
+    if not conv:
         raise ValueError(f"{type(model).__name__} has no convolutional layer to explain")
-    block = children[-1]
+    block = children[conv[-1]]
     if isinstance(block, torch.nn.Sequential):
         inner = [c for c in block.children() if _contains_conv(c)]
         if inner:
             block = inner[-1]
+    for child in children[conv[-1] + 1:]:
+        if not _is_norm_or_activation(child):
+            break
+        block = child
     return block
 
 

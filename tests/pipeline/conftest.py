@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 import redis
-from realservices import REDIS_BASE, Api, MotoS3, PostgresDatabase, TcpProxy, WorkerProcess, postgres_available
+from realservices import (
+    REDIS_BASE,
+    Api,
+    MotoS3,
+    PostgresDatabase,
+    TcpProxy,
+    WorkerProcess,
+    missing_service,
+    postgres_available,
+)
 
 ISIC_TEST = "ISIC-2017_Test_v2_Data"
 ISIC_TRUTH = "ISIC-2017_Test_v2_Part3_GroundTruth.csv"
@@ -78,12 +87,12 @@ class Stack:
 def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """A fresh database, Redis database and bucket, with settings pointing at them (workers started on demand)."""
     if not postgres_available():
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (CI starts it; see README)")
+        missing_service("PostgreSQL is not reachable at 127.0.0.1:5432 (CI starts it; see README)")
     try:
         claims = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=2)
         claims.ping()
     except redis.RedisError:
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379 (CI starts it; see README)")
+        missing_service("Redis is not reachable at 127.0.0.1:6379 (CI starts it; see README)")
     # A Redis database of its own, so test runs side by side never take each other's tasks.
     claim = next((f"skinscan-test:redis-db:{n}" for n in range(1, 10)
                   if claims.set(f"skinscan-test:redis-db:{n}", str(os.getpid()), nx=True, ex=3600)), None)
