@@ -17,8 +17,9 @@ ISIC2017_DIR = DATA / "ISIC2017"
 HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
 # Settings of the smoke-trained bundle, quick on two CPU cores: the shipped recipe (EfficientNet-Lite0 from the
-# installed ImageNet weights, Shades of Gray) at a small input size. The pretrained features make outputs differ
-# from image to image after a few steps, so the evaluation and backend-agreement tests are not vacuous.
+# installed ImageNet weights) at a small input size, with Shades of Gray so its serving path is tested too. The
+# pretrained features make outputs differ from image to image after a few steps, so the evaluation and
+# backend-agreement tests are not vacuous.
 SMOKE_ARCH = "tf_efficientnet_lite0"
 SMOKE_INPUT = 64
 SMOKE_IMAGES = 150
@@ -112,7 +113,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, make_ham_subset: Callabl
         code = main([
             "train", "--data", str(data), "--out", str(run), "--arch", SMOKE_ARCH,
             "--input-size", str(SMOKE_INPUT), "--epochs", "1", "--batch-size", "32", "--threads", "2",
-            "--version", "smoke-test",
+            "--version", "smoke-test", "--colour-constancy", "shades_of_gray",  # the serving path with it
         ])
     finally:
         for handler in root.handlers[:]:

@@ -58,6 +58,6 @@ def test_card_lists_compared_runs(smoke_bundle: Path, smoke_run: Path, tmp_path:
     text = render(smoke_bundle, [("ISIC 2017 test", "cmd", _report(tmp_path, "t", 0.7, 0.5))], runs=[smoke_run])
     assert "### Choices and their validation effect" in text
     history = json.loads((smoke_run / "history.jsonl").read_text().splitlines()[0])
-    assert f"| `{smoke_run.name}` | shades_of_gray | tf_efficientnet_lite0, 64 px | 1 |" in text
+    assert f"| `{smoke_run.name}` | shades_of_gray | tf_efficientnet_lite0, 64 px | 1 of 1 | 1 (" in text
     best = max(history["val_score"], history.get("ema_val_score", -1))
     assert f"{best:.3f} |" in text

@@ -35,7 +35,8 @@ class TrainConfig:
     warmup_epochs: float = _opt(0.5, "linear warm-up, in epochs, before cosine decay")
     ema_decay: float = _opt(0.998, "weight EMA decay per step (0: off); EMA and raw weights both compete on "
                                    "validation")
-    colour_constancy: str = _opt("shades_of_gray", "colour correction applied in training and serving alike",
+    colour_constancy: str = _opt("none", "colour correction applied in training and serving alike (Shades of "
+                                         "Gray was tried for the shipped model; see the model card)",
                                  choices=COLOUR_METHODS)
     extra_weight: float = _opt(2.0, "sampling weight of an --extra-train image relative to a main one")
     val_fraction: float = _opt(0.15, "share of the main set's lesions in the validation split")

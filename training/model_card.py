@@ -171,29 +171,42 @@ def _split_facts(bundle_path: Path) -> list[str]:
             "(checked again by `tests/test_training_splits.py`)."]
 
 
+def _best(history: list[dict[str, Any]]) -> tuple[float, int, str, dict[str, Any]] | None:
+    """The best (score, epoch, weights, figures) of a run's history, raw and EMA weights alike."""
+    best: tuple[float, int, str, dict[str, Any]] | None = None
+    for entry in history:
+        for prefix, name in (("val", "raw"), ("ema_val", "EMA")):
+            score = entry.get(f"{prefix}_score")
+            if score is not None and (best is None or score > best[0]):
+                best = (score, entry["epoch"], name, {k[len(prefix) + 1:]: v for k, v in entry.items()
+                                                      if k.startswith(prefix + "_")})
+    return best
+
+
 def _runs_table(runs: list[Path]) -> list[str]:
-    """The compared runs: what differed, and their best validation figures (the choice was made on these)."""
+    """The compared runs: what differed, and their best validation figures within the epochs all of them ran
+    (the choice was made on these), then over each run's whole length."""
     if not runs:
         return []
-    lines = ["| run | colour constancy | arch, input | epochs | best epoch (weights) | validation balanced accuracy | "
-             "ISIC 2017 validation melanoma AUC | selection score |", "|---|---|---|---:|---|---:|---:|---:|"]
+    loaded = []
     for run in runs:
-        args = json.loads((run / "args.json").read_text())
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
-        best: tuple[float, int, str, dict[str, Any]] | None = None
-        for entry in history:
-            for prefix, name in (("val", "raw"), ("ema_val", "EMA")):
-                score = entry.get(f"{prefix}_score")
-                if score is not None and (best is None or score > best[0]):
-                    best = (score, entry["epoch"], name, {k[len(prefix) + 1:]: v for k, v in entry.items()
-                                                          if k.startswith(prefix + "_")})
-        if best is None:
+        loaded.append((run, json.loads((run / "args.json").read_text()), history))
+    common = min(len(h) for _, _, h in loaded)
+    lines = ["| run | colour constancy | arch, input | epochs run | best in the first "
+             f"{common} epochs: epoch (weights) | validation balanced accuracy | ISIC 2017 validation melanoma AUC | "
+             "selection score | best over the whole run: epoch (weights), score |",
+             "|---|---|---|---:|---|---:|---:|---:|---|"]
+    for run, args, history in loaded:
+        early, full = _best(history[:common]), _best(history)
+        if early is None or full is None:
             continue
-        score, epoch, weights, figures = best
+        score, epoch, weights, figures = early
         isic = next((v for k, v in figures.items() if k.startswith("melanoma_auc[ISIC-2017_Validation")), None)
         lines.append(f"| `{run.name}` | {args.get('colour_constancy', 'none')} | {args['arch']}, "
-                     f"{args['input_size']} px | {len(history)} | {epoch} ({weights}) | "
-                     f"{_f(figures.get('balanced_accuracy'))} | {_f(isic)} | {_f(score)} |")
+                     f"{args['input_size']} px | {len(history)} of {args['epochs']} | {epoch} ({weights}) | "
+                     f"{_f(figures.get('balanced_accuracy'))} | {_f(isic)} | {_f(score)} | "
+                     f"{full[1]} ({full[2]}), {_f(full[0])} |")
     return lines
 
 
@@ -278,7 +291,8 @@ def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str =
     if table:
         out += ["### Choices and their validation effect", "",
                 "Runs compared on validation only (HAM10000 validation split and ISIC 2017's official validation "
-                "split); the best one ships.", ""] + table + [""]
+                "split), with everything but the named choice equal; the best one was continued and ships.",
+                ""] + table + [""]
     out += ["## Data and licence", ""]
     for name, c in counts.items():
         parts = [f"{c.get(sp, 0):,} {label}" for sp, label in (("train", "training"), ("val", "validation"),

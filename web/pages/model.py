@@ -25,6 +25,7 @@ bp = page_blueprint("model")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CARD = "MODEL_CARD.md"
 PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+_(confusion|roc|reliability)\.png$")
+ALIGN_STYLE = re.compile(r'style="text-align: (left|right|center);"')
 PLOT_TITLES = {"confusion": "Confusion matrix", "roc": "ROC curves", "reliability": "Reliability (calibration)"}
 
 
@@ -34,6 +35,8 @@ def render_markdown(text: str) -> Markup:
 
     html = markdown.markdown(text, extensions=["tables", "sane_lists", "toc"], output_format="html",
                              extension_configs={"toc": {"baselevel": 3}})  # '#' sits below the page's h2
+    # Column alignment comes out as inline styles, which the Content Security Policy (rightly) blocks: use classes.
+    html = ALIGN_STYLE.sub(lambda m: f'class="align-{m.group(1)}"', html)
     return Markup(html)
 
 

@@ -1,4 +1,4 @@
-"""Helpers of the fast web tests (tests/web): the stand-in model version, recorded tasks, clinics."""
+"""Helpers of the fast web tests (tests/fast): the stand-in model version, recorded tasks, clinics."""
 
 from __future__ import annotations
 
