@@ -64,10 +64,11 @@ def resolve_bundle(model: Path | None, cache: Path) -> Path:
     if not (out / "metadata.json").is_file():
         from training.bundle import create_model, save_bundle
 
-        log.warning("no default bundle yet: building an untrained regnet_y_400mf (same size and speed) in %s", out)
-        save_bundle(create_model("regnet_y_400mf", 7), out, {
-            "architecture": "regnet_y_400mf", "version": "bench-untrained", "input_size": 128, "resize_size": 146,
-            "mean": [0.5] * 3, "std": [0.25] * 3, "temperature": 1.0})
+        log.warning("no default bundle yet: building an untrained tf_efficientnet_lite0 (same size and speed) in %s",
+                    out)
+        save_bundle(create_model("tf_efficientnet_lite0", 7), out, {
+            "architecture": "tf_efficientnet_lite0", "version": "bench-untrained", "input_size": 160,
+            "resize_size": 160, "mean": [0.5] * 3, "std": [0.5] * 3, "temperature": 1.0})
     return out
 
 

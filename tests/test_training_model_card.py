@@ -15,7 +15,7 @@ def _report(tmp_path: Path, name: str, melanoma_auc: float, flag_rate: float, ve
         "melanoma": {"auc": melanoma_auc, "sensitivity_at_specificity_0.80": 0.6,
                      "sensitivity_at_specificity_0.90": 0.4},
         "referral": {"default": {"malignant_sensitivity": 0.9, "flag_rate": flag_rate},
-                     "operating_points": [{"flag_rate": 0.25}]},
+                     "operating_points": [{"flag_rate": 0.25, "malignant_sensitivity": 0.8}]},
     }
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(report))
@@ -52,6 +52,7 @@ def test_card_claims_come_from_the_bundle(smoke_bundle: Path, tmp_path: Path) ->
     assert "shades of gray colour constancy" in text
     assert "groups spanning two splits: 0" in text  # read from the bundle's splits.csv
     assert "| 0.92 (default) |" in text
+    assert "| t malignant sensitivity |" not in text and "ISIC 2017 test malignant sensitivity" in text
 
 
 def test_card_lists_compared_runs(smoke_bundle: Path, smoke_run: Path, tmp_path: Path) -> None:

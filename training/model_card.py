@@ -138,7 +138,8 @@ def _operating_points(meta: dict[str, Any], tests: list[tuple[str, dict[str, Any
     if not points:
         return []
     header = ["target sensitivity", "threshold", "validation sensitivity", "validation specificity",
-              "validation flag rate"] + [f"{title} flag rate" for title, _ in tests]
+              "validation flag rate"] + [f"{title} {what}" for title, _ in tests
+                                         for what in ("malignant sensitivity", "flag rate")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for i, p in enumerate(points):
         default = abs(p["target_sensitivity"] - referral.get("target_malignant_sensitivity", -1)) < 1e-9
@@ -146,7 +147,8 @@ def _operating_points(meta: dict[str, Any], tests: list[tuple[str, dict[str, Any
                  _f(p["sensitivity"]), _f(p["specificity"]), _pct(p["flag_rate"])]
         for _, report in tests:
             test_points = (report.get("referral") or {}).get("operating_points") or []
-            cells.append(_pct(test_points[i]["flag_rate"]) if i < len(test_points) else "n/a")
+            point = test_points[i] if i < len(test_points) else {}
+            cells += [_f(point.get("malignant_sensitivity")), _pct(point.get("flag_rate"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -267,8 +269,9 @@ def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str =
     points = _operating_points(meta, [(title, report) for title, _, report, _ in loaded])
     if points:
         out += ["### Referral operating points", "",
-                "Thresholds chosen on the validation split; flag rates on the held-out test sets at the same "
-                "thresholds (malignancy rule alone, without the unsure rule).", ""] + points + [""]
+                "Thresholds chosen on the validation split; sensitivity and flag rates on the held-out test sets at "
+                "the same thresholds (malignancy rule alone, without the unsure rule; ISIC 2017's only malignant "
+                "class is melanoma).", ""] + points + [""]
     out += [
         "## Training", "",
         f"- {len(train.get('history', []))} of {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, AdamW "
@@ -279,7 +282,7 @@ def render(bundle_path: Path, reports: list[tuple[str, str, Path]], notes: str =
         f"{cfg.get('extra_weight', 1.0)} per image.",
         "- Augmentation: random resized crops (scale 0.35-1), occasional zoom-out (dark dermoscope borders), "
         "horizontal and vertical flips, 90-degree and small free rotations, brightness/contrast/saturation/hue "
-        "jitter and occasional blur (training/train.py `_augment`).",
+        "jitter and occasional blur (`train_transform` in training/train.py).",
         "- ISIC 2017 labels supervise only what they say: melanoma -> mel, seborrheic keratosis -> bkl, and "
         "\"neither\" as a partial label (any class but mel and bkl), not as nevus.",
         f"- Model choice: {train.get('selection', 'validation balanced accuracy')}; best epoch "
