@@ -58,6 +58,18 @@ def end_upload(session: Session, intent: UploadIntent) -> None:
                            "removed; send it again")
 
 
+def delete_unclaimed(session: Session, storage: Storage, prefix: str, job_id: str) -> int:
+    """Delete the objects under an upload's prefix that no committed image of its job claims; return how many."""
+    keys = storage.list_keys(prefix)
+    claimed = set(session.scalars(select(Image.storage_key).where(Image.job_id == job_id))) if keys else set()
+    removed = 0
+    for key in keys:
+        if key not in claimed:
+            storage.delete(key)
+            removed += 1
+    return removed
+
+
 def discard_upload(session: Session, storage: Storage, intents: list[UploadIntent]) -> bool:
     """Delete every object of refused, rolled-back uploads now, then their intents; False if storage failed.
 
@@ -66,12 +78,7 @@ def discard_upload(session: Session, storage: Storage, intents: list[UploadInten
     """
     try:
         for intent in intents:
-            keys = storage.list_keys(intent.prefix)
-            claimed = set(session.scalars(select(Image.storage_key).where(Image.job_id == intent.job_id))
-                          ) if keys else set()
-            for key in keys:
-                if key not in claimed:
-                    storage.delete(key)
+            delete_unclaimed(session, storage, intent.prefix, intent.job_id)
     except StorageError:
         log.warning("could not remove the stored images of a refused upload now; the orphan sweeper will")
         _keep_intents(session, intents)
@@ -118,13 +125,7 @@ def sweep_orphans(settings: Settings, storage: Storage | None = None, grace_seco
             more = len(uploads) == batch
             for upload in uploads:
                 try:
-                    keys = storage.list_keys(upload.prefix)
-                    claimed = set(session.scalars(select(Image.storage_key).where(Image.job_id == upload.job_id))
-                                  ) if keys else set()
-                    for key in keys:
-                        if key not in claimed:
-                            storage.delete(key)
-                            removed += 1
+                    removed += delete_unclaimed(session, storage, upload.prefix, upload.job_id)
                 except StorageError as exc:
                     log.warning("orphan sweep stopped: storage unavailable (%s); it goes on at the next sweep", exc)
                     more = False
