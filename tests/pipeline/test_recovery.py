@@ -53,7 +53,10 @@ def test_killed_worker_recovered_within_a_minute_of_restart(stack, ham_files) ->
     the killed chunk ran twice."""
     for name in PRODUCTION_DEFAULTS:
         stack.env.pop(name, None)
-    stack.env["SKINSCAN_CHUNK_SIZE"] = "8"
+    # Chunks of 32 scored one image at a time on one thread, so a chunk is in flight for a few hundred ms (the
+    # shipped network scores an image in a few ms): long enough to kill the worker while it holds one.
+    stack.env.update({"SKINSCAN_CHUNK_SIZE": "32", "SKINSCAN_BATCH_SIZE": "1", "SKINSCAN_DECODE_WORKERS": "1",
+                      "SKINSCAN_THREADS": "1"})
     settings = stack.settings()
     assert settings.requeue_after_seconds >= 600  # the stalled-job sweeper is not what brings the chunk back
     beat = ServiceProcess(stack.env, stack.tmp / "beat.log", "beat").start()
@@ -61,11 +64,15 @@ def test_killed_worker_recovered_within_a_minute_of_restart(stack, ham_files) ->
     try:
         n = len(ham_files)
         client, job_id = submit(stack, ham_files)
-        held = wait_for(lambda: scored(settings, job_id) >= 16 and in_flight(settings, job_id), 600,
-                        "a chunk in flight mid-job", 0.05)
+        wait_for(lambda: scored(settings, job_id) >= 16 and in_flight(settings, job_id), 600,
+                 "a chunk in flight mid-job", 0.05)
         os.kill(worker.proc.pid, signal.SIGKILL)  # the main process only (its pool children die with it)
         worker.proc.wait(10)
-        assert scored(settings, job_id) < n
+        # What the dead worker held is read after its death: an image seen in flight just before the kill may
+        # have been written in between, and then it is never redelivered.
+        time.sleep(0.5)
+        held = in_flight(settings, job_id)
+        assert held and scored(settings, job_id) < n
         restarted = time.monotonic()
         stack.worker()
         job = client.wait(job_id, timeout=180)
@@ -82,13 +89,14 @@ def test_killed_worker_recovered_within_a_minute_of_restart(stack, ham_files) ->
     assert_exactly_once(settings, job_id, n)
     tries = attempts(settings, job_id)
     assert all(tries[i] >= 2 for i in held)  # the killed chunk was delivered again
-    assert sum(1 for t in tries.values() if t > 1) <= 8  # ... and nothing else was
+    assert sum(1 for t in tries.values() if t > 1) <= 32  # ... and nothing else was
 
 
 def test_long_task_is_not_delivered_twice(stack, ham_dir) -> None:  # type: ignore[no-untyped-def]
     """One chunk that runs a few times longer than a 2-second visibility timeout, with a second worker idle on
     the queue: its lease is renewed while it runs, so it is delivered once and every image is tried once."""
-    files = [(p.name, p.read_bytes()) for p in sorted((ham_dir / "images").glob("ISIC_*.jpg"))[3000:3600]]
+    # 2,000 images one at a time on one thread: several seconds even with the shipped network's few ms an image.
+    files = [(p.name, p.read_bytes()) for p in sorted((ham_dir / "images").glob("ISIC_*.jpg"))[3000:5000]]
     stack.env.update({"SKINSCAN_VISIBILITY_TIMEOUT": "2", "SKINSCAN_CHUNK_SIZE": str(len(files)),
                       "SKINSCAN_BATCH_SIZE": "1", "SKINSCAN_DECODE_WORKERS": "1", "SKINSCAN_THREADS": "1"})
     settings = stack.settings()
