@@ -103,3 +103,7 @@ def test_referral_threshold_follows_the_setting() -> None:
     assert referral_threshold(meta, 0.95) == 0.15
     with pytest.raises(BundleError, match="offers: 0.9, 0.95"):
         referral_threshold(meta, 0.8)
+
+
+def test_a_bundle_without_operating_points_keeps_its_threshold() -> None:
+    assert referral_threshold({"version": "old", "referral": {"malignancy_threshold": 0.16}}, 0.95) == 0.16

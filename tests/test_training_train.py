@@ -198,3 +198,20 @@ def test_every_config_field_is_an_option() -> None:
     cfg = config_from_args(args)
     assert (cfg.epochs, cfg.lr, cfg.pretrained, cfg.extra_val, cfg.ema_decay) == (3, 0.01, None, ["a.csv", "b.csv"], 0)
     assert cfg.resize_size == cfg.input_size == 160
+
+
+def test_scorer_uses_the_bundles_classes_and_the_chosen_operating_point(smoke_bundle: Path) -> None:
+    from worker.scoring import Scorer
+
+    bundle = load_bundle(smoke_bundle)
+    default = Scorer(bundle, backend="onnx", batch_size=1, decode_workers=1)
+    assert default.threshold == bundle.meta["referral"]["malignancy_threshold"]
+    chosen = Scorer(bundle, backend="onnx", batch_size=1, decode_workers=1, referral_sensitivity=0.98)
+    assert chosen.threshold == bundle.referral_threshold(0.98) <= default.threshold
+    with pytest.raises(BundleError, match="no referral operating point for sensitivity 0.5"):
+        Scorer(bundle, backend="onnx", batch_size=1, decode_workers=1, referral_sensitivity=0.5)
+    # The malignancy score sums the classes the bundle names, not a global list.
+    bundle.meta["malignant_classes"] = ["mel"]
+    only_mel = Scorer(bundle, backend="onnx", batch_size=1, decode_workers=1)
+    assert only_mel.malignancy({"mel": 0.2, "bcc": 0.1, "nv": 0.7}) == pytest.approx(0.2)
+    assert chosen.malignancy({"mel": 0.2, "bcc": 0.1, "nv": 0.7}) == pytest.approx(0.3)

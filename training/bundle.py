@@ -115,6 +115,10 @@ def referral_threshold(meta: dict[str, Any], sensitivity: float | None = None) -
     if sensitivity is None:
         return float(referral.get("malignancy_threshold", 0.5))
     points = referral.get("operating_points") or []
+    if not points:  # a bundle from before operating points: it has its one threshold
+        log.warning("model %s has no referral operating points; using its threshold, not sensitivity %g",
+                    meta.get("version"), sensitivity)
+        return float(referral.get("malignancy_threshold", 0.5))
     for point in points:
         if abs(float(point["target_sensitivity"]) - sensitivity) < 1e-6:
             return float(point["threshold"])
