@@ -55,18 +55,6 @@ FOLDER_ALIASES: dict[str, str] = {
 }
 
 
-def class_index(label: str) -> int:
-    """Return the model-head index of a label in SkinScan's label space."""
-    return CLASSES.index(label)
-
-
-def malignancy_score(probs: dict[str, float] | list[float]) -> float:
-    """Return the summed probability of the malignant classes (mel, bcc, akiec)."""
-    if isinstance(probs, dict):
-        return float(sum(probs.get(c, 0.0) for c in MALIGNANT))
-    return float(sum(p for c, p in zip(CLASSES, probs, strict=True) if c in MALIGNANT))
-
-
 # --- ground-truth files -------------------------------------------------------------------------------------
 
 class LabelFileError(ValueError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_SECRET = "dev-insecure-change-me"
@@ -81,7 +81,6 @@ class Settings:
     task_time_limit: int = 1800
     log_level: str = "INFO"
     referral_sensitivity: float | None = None  # None: the bundle's default operating point
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def embedded(self) -> bool:
