@@ -43,7 +43,9 @@ def _bundle_folder(settings: Any) -> Path:
                           "counts": {"HAM10000": {"train": 7000, "val": 1430, "test": 1431},
                                      "ISIC-2017_Training_Part3_GroundTruth.csv": {"train": 1995}}},
         "metrics": {"validation": {"balanced_accuracy": 0.7},
-                    "evaluations": {"HAM10000 test": {"n_images": 1431, "balanced_accuracy": 0.77}}},
+                    "evaluations": {"HAM10000 test": {"n_images": 1431, "balanced_accuracy": 0.77},
+                                    "ISIC 2017 test": {"n_images": 600, "melanoma_only": True,
+                                                       "balanced_accuracy": 0.692, "melanoma_auc": 0.78}}},
     }
     (folder / "metadata.json").write_text(json.dumps(meta))
     (folder / "MODEL_CARD.md").write_text("# Card\n\n| metric | value |\n|---|---:|\n| AUC | 0.9 |\n")
@@ -70,3 +72,4 @@ def test_model_page_shows_test_figures_points_and_counts(app: Flask, settings: A
     assert "HAM10000: 7000 training images, 1430 validation, 1431 test" in html
     assert "ISIC-2017_Training_Part3_GroundTruth.csv: 1995 training images" in html
     assert f"<strong>{in_use}</strong>" in html
+    assert "77.0%" in html and "69.2%" not in html  # no multiclass figure for a melanoma-only set
