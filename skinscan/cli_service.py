@@ -101,6 +101,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker (production); refuses to start without a usable model bundle."""
     settings = load_settings()
+    settings.check_production()
     _check_model(settings)
     from training.predictor import available_cores
 
@@ -135,6 +136,7 @@ def _cuda_devices() -> int:
 def cmd_beat(_args: argparse.Namespace) -> int:
     """Run Celery beat: the nightly re-score and the stalled-job sweeper."""
     settings = load_settings()
+    settings.check_production()
     from worker.celery_app import celery_app
 
     schedule = settings.data_dir / "celerybeat-schedule"

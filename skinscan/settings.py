@@ -98,10 +98,21 @@ class Settings:
         return self.data_dir / "images"
 
     def check_production(self) -> None:
-        """Refuse to run a production process with the default secret key."""
-        if self.production and self.secret_key == DEFAULT_SECRET:
-            raise ConfigError("SECRET_KEY must be set to a long random value in production "
-                              "(SKINSCAN_ENV=production); refusing to start with the default")
+        """Refuse to run a production process with the default secret key or without its services, naming every
+        missing one (a production node must never fall back to SQLite, a local folder or an in-memory broker)."""
+        if not self.production:
+            return
+        problems = []
+        if self.secret_key == DEFAULT_SECRET:
+            problems.append("SECRET_KEY must be set to a long random value (it is the default)")
+        if self.database_url.startswith("sqlite"):
+            problems.append("DATABASE_URL must name the PostgreSQL database (it would be SQLite)")
+        if self.redis_url is None:
+            problems.append("REDIS_URL must name the Redis broker (Celery would run in-process)")
+        if self.s3_bucket is None:
+            problems.append("S3_BUCKET must name the image bucket (images would go to a local folder)")
+        if problems:
+            raise ConfigError("refusing to start in production (SKINSCAN_ENV=production): " + "; ".join(problems))
 
 
 def load_settings() -> Settings:
