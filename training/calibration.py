@@ -43,23 +43,28 @@ def referral_threshold(
     return float(min(1.0, thresholds[ok[0]])) if len(ok) else 0.0
 
 
+def flag_figures(y_malignant: np.ndarray, malignant_score: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Sensitivity, specificity and flag rate (share of all images flagged) of flagging score >= threshold; None
+    where a figure is undefined (no malignant, no benign or no image at all)."""
+    y = np.asarray(y_malignant).astype(bool)
+    flagged = np.asarray(malignant_score, dtype=np.float64) >= threshold
+    return {
+        "sensitivity": float(flagged[y].mean()) if y.any() else None,
+        "specificity": float((~flagged[~y]).mean()) if (~y).any() else None,
+        "flag_rate": float(flagged.mean()) if len(y) else None,
+    }
+
+
 def operating_points(
     y_malignant: np.ndarray, malignant_score: np.ndarray,
     sensitivities: tuple[float, ...] = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98),
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | None]]:
     """Return, per target sensitivity, the validation threshold that reaches it with its specificity and flag
-    rate (the share of all images flagged)."""
-    y = np.asarray(y_malignant).astype(bool)
-    score = np.asarray(malignant_score, dtype=np.float64)
+    rate."""
+    y = np.asarray(y_malignant).astype(int)
     points = []
     for target in sensitivities:
-        threshold = referral_threshold(y.astype(int), score, target)
-        flagged = score >= threshold
-        points.append({
-            "target_sensitivity": target,
-            "threshold": threshold,
-            "sensitivity": float(flagged[y].mean()) if y.any() else 0.0,
-            "specificity": float((~flagged[~y]).mean()) if (~y).any() else 0.0,
-            "flag_rate": float(flagged.mean()) if len(y) else 0.0,
-        })
+        threshold = referral_threshold(y, malignant_score, target)
+        points.append({"target_sensitivity": target, "threshold": threshold}
+                      | flag_figures(y, malignant_score, threshold))
     return points

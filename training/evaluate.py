@@ -20,7 +20,7 @@ from tqdm import tqdm
 from skinscan.imaging import ImageError, decode_rgb
 from skinscan.labels import MALIGNANT
 from training.bundle import METADATA_FILE, Bundle, load_bundle
-from training.calibration import softmax
+from training.calibration import flag_figures, softmax
 from training.datasets import Dataset, DatasetError, Sample, read_dataset
 from training.metrics import classification_report, expected_calibration_error
 from training.predictor import Predictor, load_predictor
@@ -265,13 +265,11 @@ def referral_report(bundle: Bundle, y: np.ndarray, probs: np.ndarray, classes: l
     positive = np.isin(y, malignant)
 
     def at(threshold: float) -> dict[str, Any]:
-        flagged = score >= threshold
+        figures = flag_figures(positive, score, threshold)
         return {
-            "threshold": threshold,
-            "malignant_sensitivity": float(flagged[positive].mean()) if positive.any() else None,
-            "specificity": float((~flagged[~positive]).mean()) if (~positive).any() else None,
-            "flag_rate": float(flagged.mean()),
-            "flag_rate_with_uncertain": float((flagged | uncertain).mean()),
+            "threshold": threshold, "malignant_sensitivity": figures["sensitivity"],
+            "specificity": figures["specificity"], "flag_rate": figures["flag_rate"],
+            "flag_rate_with_uncertain": float(((score >= threshold) | uncertain).mean()),
         }
 
     return {
