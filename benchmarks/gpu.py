@@ -157,9 +157,9 @@ def worker_path(bundle_path: Path, images: list[tuple[str, bytes]], chunk: int, 
 
     from skinscan.db import session_scope
     from skinscan.migrate import upgrade
-    from skinscan.models import Clinic
     from skinscan.settings import load_settings
     from skinscan.storage import get_storage
+    from skinscan.tables import Clinic
     from web.intake import create_job
     from worker import pipeline
     from worker.dispatch import chunked, pending_image_ids

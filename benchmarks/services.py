@@ -152,8 +152,8 @@ class Deployment:
 
     def _clinic(self) -> tuple[str, str]:
         from skinscan.db import session_scope
-        from skinscan.models import Clinic
         from skinscan.security import create_api_key
+        from skinscan.tables import Clinic
 
         with session_scope(self.settings) as session:
             clinic = Clinic(name=f"bench-{uuid.uuid4().hex[:6]}")
@@ -203,8 +203,8 @@ class Deployment:
     def store_job(self, images: list[tuple[str, bytes]]) -> str:
         """Store images and commit a queued job for them in this process, without enqueueing it; return its id."""
         from skinscan.db import session_scope
-        from skinscan.models import Clinic
         from skinscan.storage import S3Storage
+        from skinscan.tables import Clinic
         from web.intake import create_job
 
         storage = S3Storage(self.settings.s3_bucket, self.settings.s3_endpoint_url)
@@ -234,13 +234,13 @@ class Deployment:
         from sqlalchemy import func, select
 
         from skinscan.db import session_scope
-        from skinscan.models import Image, Job, Prediction
+        from skinscan.tables import ImageRecord, Job, Prediction
 
         with session_scope(self.settings) as session:
             job = session.get(Job, job_id)
             first, last = session.execute(
                 select(func.min(Prediction.created_at), func.max(Prediction.created_at))
-                .join(Image, Image.id == Prediction.image_id).where(Image.job_id == job_id)).one()
+                .join(ImageRecord, ImageRecord.id == Prediction.image_id).where(ImageRecord.job_id == job_id)).one()
             return {"status": job.status, "total": job.total, "scored": job.scored, "failed": job.failed,
                     "finished_at": _epoch(job.finished_at), "first_prediction_at": _epoch(first),
                     "last_prediction_at": _epoch(last)}

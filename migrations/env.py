@@ -6,8 +6,8 @@ from alembic import context
 from sqlalchemy import pool
 
 from skinscan.db import engine_for_url
-from skinscan.models import Base
 from skinscan.settings import load_settings
+from skinscan.tables import Base
 
 target_metadata = Base.metadata
 

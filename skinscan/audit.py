@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from skinscan.models import AuditEvent
+from skinscan.tables import AuditEvent
 
 log = logging.getLogger(__name__)
 

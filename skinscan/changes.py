@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from skinscan.csvsafe import csv_row
-from skinscan.models import Image, Prediction, RescoreRun
+from skinscan.tables import ImageRecord, Prediction, RescoreRun
 
 CSV_COLUMNS = ["image_id", "job_id", "filename", "change", "previous_model", "previous_label",
                "previous_malignancy", "previous_flagged", "new_model", "new_label", "new_malignancy", "new_flagged",
@@ -39,33 +39,33 @@ def _change_query(run: RescoreRun, clinic_id: str | None) -> Any:
         select(Prediction.id, Prediction.image_id,
                func.row_number().over(partition_by=Prediction.image_id,
                                       order_by=(Prediction.created_at.desc(), Prediction.id.desc())).label("rn"))
-        .join(Image, Image.id == Prediction.image_id)
+        .join(ImageRecord, ImageRecord.id == Prediction.image_id)
         .where(Prediction.created_at <= run.started_at)
     )
     new, old = aliased(Prediction, name="new"), aliased(Prediction, name="old")
     ranked = _scope(ranked, run, clinic_id).subquery("ranked")
     newly = and_(new.flagged.is_(True), old.flagged.is_(False))
     query = (
-        select(Image.id, Image.job_id, Image.filename, Image.true_label,
+        select(ImageRecord.id, ImageRecord.job_id, ImageRecord.filename, ImageRecord.true_label,
                old.model_version, old.label, old.malignancy, old.flagged,
                new.model_version, new.label, new.malignancy, new.flagged)
-        .join(new, and_(new.image_id == Image.id, new.model_version == run.model_to,
+        .join(new, and_(new.image_id == ImageRecord.id, new.model_version == run.model_to,
                         new.created_at > run.started_at))
-        .join(ranked, and_(ranked.c.image_id == Image.id, ranked.c.rn == 1))
+        .join(ranked, and_(ranked.c.image_id == ImageRecord.id, ranked.c.rn == 1))
         .join(old, old.id == ranked.c.id)
         .where(or_(old.label != new.label, old.flagged != new.flagged))
-        .order_by(case((newly, 0), else_=1), new.malignancy.desc(), Image.created_at, Image.id)
+        .order_by(case((newly, 0), else_=1), new.malignancy.desc(), ImageRecord.created_at, ImageRecord.id)
     )
     return _scope(query, run, clinic_id)
 
 
 def _scope(query: Any, run: RescoreRun, clinic_id: str | None) -> Any:
     if run.clinic_id is not None:
-        query = query.where(Image.clinic_id == run.clinic_id)
+        query = query.where(ImageRecord.clinic_id == run.clinic_id)
     if clinic_id is not None:
-        query = query.where(Image.clinic_id == clinic_id)
+        query = query.where(ImageRecord.clinic_id == clinic_id)
     if run.since is not None:
-        query = query.where(Image.created_at >= run.since)
+        query = query.where(ImageRecord.created_at >= run.since)
     return query
 
 

@@ -18,9 +18,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from skinscan.db import session_scope
-from skinscan.models import Image, Upload, new_id, utcnow
 from skinscan.settings import Settings
 from skinscan.storage import Storage, StorageError, get_storage
+from skinscan.tables import ImageRecord, Upload, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def end_upload(session: Session, intent: UploadIntent) -> None:
 def delete_unclaimed(session: Session, storage: Storage, prefix: str, job_id: str) -> int:
     """Delete the objects under an upload's prefix that no committed image of its job claims; return how many."""
     keys = storage.list_keys(prefix)
-    claimed = set(session.scalars(select(Image.storage_key).where(Image.job_id == job_id))) if keys else set()
+    claimed = set(session.scalars(select(ImageRecord.storage_key)
+        .where(ImageRecord.job_id == job_id))) if keys else set()
     removed = 0
     for key in keys:
         if key not in claimed:
@@ -152,7 +153,7 @@ def sweep_legacy_orphans(settings: Settings, storage: Storage | None = None, gra
     for start in range(0, len(keys), batch):
         part = keys[start:start + batch]
         with session_scope(settings) as session:
-            claimed = set(session.scalars(select(Image.storage_key).where(Image.storage_key.in_(part))))
+            claimed = set(session.scalars(select(ImageRecord.storage_key).where(ImageRecord.storage_key.in_(part))))
         for key in part:
             if key not in claimed:
                 storage.delete(key)

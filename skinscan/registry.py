@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.labels import CLASSES
-from skinscan.models import AuditEvent, ModelVersion, utcnow
 from skinscan.settings import Settings
+from skinscan.tables import AuditEvent, ModelVersion, utcnow
 
 if TYPE_CHECKING:
     from training.bundle import Bundle

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from skinscan.models import Image, Prediction, RescoreRun
+from skinscan.tables import ImageRecord, Prediction, RescoreRun
 
 RUNNING, DONE, SUPERSEDED = "running", "done", "superseded"
 
@@ -25,7 +25,7 @@ def aware(value: datetime) -> datetime:
 
 def has_prediction(version: str, before: datetime | None = None) -> Any:
     """Return an EXISTS clause: the image (correlated) has a prediction of version (made by `before`)."""
-    query = select(Prediction.id).where(Prediction.image_id == Image.id, Prediction.model_version == version)
+    query = select(Prediction.id).where(Prediction.image_id == ImageRecord.id, Prediction.model_version == version)
     if before is not None:
         query = query.where(Prediction.created_at <= before)
     return exists(query)
@@ -33,14 +33,14 @@ def has_prediction(version: str, before: datetime | None = None) -> Any:
 
 def run_images(run: RescoreRun, clinic_id: str | None = None) -> Any:
     """Return a SELECT of the ids of a run's images (optionally only one clinic's)."""
-    scored_before = exists(select(Prediction.id).where(Prediction.image_id == Image.id,
+    scored_before = exists(select(Prediction.id).where(Prediction.image_id == ImageRecord.id,
                                                        Prediction.created_at <= run.started_at))
-    query = select(Image.id).where(scored_before, ~has_prediction(run.model_to, run.started_at))
+    query = select(ImageRecord.id).where(scored_before, ~has_prediction(run.model_to, run.started_at))
     for clinic in (run.clinic_id, clinic_id):
         if clinic is not None:
-            query = query.where(Image.clinic_id == clinic)
+            query = query.where(ImageRecord.clinic_id == clinic)
     if run.since is not None:
-        query = query.where(Image.created_at >= run.since)
+        query = query.where(ImageRecord.created_at >= run.since)
     return query
 
 
@@ -49,8 +49,8 @@ def remaining_images(run: RescoreRun) -> Any:
     query = run_images(run).where(~has_prediction(run.model_to))
     failed = list((run.errors or {}).keys())
     if failed:
-        query = query.where(Image.id.not_in(failed))
-    return query.order_by(Image.created_at, Image.id)
+        query = query.where(ImageRecord.id.not_in(failed))
+    return query.order_by(ImageRecord.created_at, ImageRecord.id)
 
 
 def run_counts(session: Session, run: RescoreRun, clinic_id: str | None = None) -> tuple[int, int, int]:
@@ -58,14 +58,14 @@ def run_counts(session: Session, run: RescoreRun, clinic_id: str | None = None) 
     ids = run_images(run, clinic_id).subquery()
     total, done = session.execute(
         select(func.count(), func.count(case((has_prediction(run.model_to), 1))))
-        .select_from(Image).join(ids, ids.c.id == Image.id)
+        .select_from(ImageRecord).join(ids, ids.c.id == ImageRecord.id)
     ).one()
     failed = 0
     errors = list((run.errors or {}).keys())
     if errors:
         failed = session.scalar(
-            select(func.count()).select_from(Image).join(ids, ids.c.id == Image.id)
-            .where(Image.id.in_(errors), ~has_prediction(run.model_to))
+            select(func.count()).select_from(ImageRecord).join(ids, ids.c.id == ImageRecord.id)
+            .where(ImageRecord.id.in_(errors), ~has_prediction(run.model_to))
         ) or 0
     return int(total), int(done), int(failed)
 

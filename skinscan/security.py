@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from skinscan.models import ApiKey, Clinic, User
+from skinscan.tables import ApiKey, Clinic, User
 
 KEY_PREFIX_LEN = 12
 

@@ -11,8 +11,8 @@ from typing import Any
 def other_clinic_headers(settings: Any) -> dict[str, str]:
     """Create a second clinic and return its Authorization header."""
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
 
     with session_scope(settings) as session:
         clinic = Clinic(name=f"other-{uuid.uuid4().hex[:6]}")

@@ -40,9 +40,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     ratelimit.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
-    from web import api_models
+    from web import api_model_versions
 
-    app.register_blueprint(api_models.bp)
+    app.register_blueprint(api_model_versions.bp)
     from web import pages  # a broken import here must stop start-up, not serve an app without its pages
 
     pages.init_app(app)

@@ -9,8 +9,8 @@ from flask import Blueprint, Response, g, jsonify, request, stream_with_context,
 from sqlalchemy import func, select
 
 from skinscan import audit
-from skinscan.models import Image, Job, JobMetrics
 from skinscan.storage import StorageError
+from skinscan.tables import ImageRecord, Job, JobMetrics
 from web.auth import require_api_key
 from web.context import db, settings, storage
 from web.errors import ApiError
@@ -107,7 +107,7 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     if job.status != "uploading":
         raise ApiError(f"job is {job.status}; images can only be added while it is uploading", 409)
     session = db()
-    start = session.scalar(select(func.count()).where(Image.job_id == job.id)) or 0
+    start = session.scalar(select(func.count()).where(ImageRecord.job_id == job.id)) or 0
     try:
         accepted, rejected = add_images(session, storage(), job, iter_files(_uploaded_files(), settings()),
                                         settings(), start=start)
@@ -136,7 +136,7 @@ def start(job_id: str):  # type: ignore[no-untyped-def]
     except UploadError as exc:
         session.rollback()
         raise ApiError(str(exc), exc.status, exc.details) from None
-    if not session.scalar(select(func.count()).where(Image.job_id == job.id, Image.status == "pending")):
+    if not session.scalar(select(func.count()).where(ImageRecord.job_id == job.id, ImageRecord.status == "pending")):
         raise ApiError("the job has no accepted images", 400)
     finalize_job(session, job)
     session.commit()

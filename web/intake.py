@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.imaging import ACCEPTED_FORMATS, ImageError, sniff_format, strip_metadata
 from skinscan.labels import GroundTruth, LabelFileError, image_id_of, parse_ground_truth
-from skinscan.models import Clinic, Image, Job, new_id, utcnow
 from skinscan.orphans import UploadIntent, begin_upload, discard_upload, end_upload
 from skinscan.registry import ensure_production_model
 from skinscan.settings import Settings
 from skinscan.storage import Storage
+from skinscan.tables import Clinic, ImageRecord, Job, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def add_images(
             raise UploadError(f"more than {settings.max_files:,} files in one upload", 413)
         if isinstance(item, Rejected):
             rejected.append(item)
-            session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+            session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
                               status="failed", error=item.error, size=0))
             position += 1
             continue
@@ -176,11 +176,11 @@ def add_images(
         except ImageError as exc:
             status = 415 if exc.unsupported else 400
             rejected.append(Rejected(name, status, str(exc)))
-            session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+            session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
                               status="failed", error=str(exc), size=len(item)))
             position += 1
             continue
-        session.add(Image(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
+        session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
                           storage_key=key, sha256=digest, size=size, content_type=ctype, status="pending"))
         accepted += 1
         position += 1
@@ -191,8 +191,8 @@ def add_images(
 
 def apply_labels(session: Session, job: Job, truth: GroundTruth) -> None:
     """Attach true labels to a job's images by image id; 400 naming any labels row with no matching file."""
-    images = session.query(Image).filter(Image.job_id == job.id).all()
-    by_id: dict[str, list[Image]] = {}
+    images = session.query(ImageRecord).filter(ImageRecord.job_id == job.id).all()
+    by_id: dict[str, list[ImageRecord]] = {}
     for img in images:
         by_id.setdefault(image_id_of(img.filename), []).append(img)
     unknown = [i for i in truth.labels if i not in by_id]
@@ -241,7 +241,7 @@ def create_job(
 def finalize_job(session: Session, job: Job) -> None:
     """Close a job for uploads: set its counters and status to queued (the caller commits, then enqueues)."""
     session.flush()
-    images = session.query(Image.status).filter(Image.job_id == job.id).all()
+    images = session.query(ImageRecord.status).filter(ImageRecord.job_id == job.id).all()
     job.total = len(images)
     job.failed = sum(1 for (s,) in images if s == "failed")
     job.scored = 0

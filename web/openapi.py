@@ -20,7 +20,7 @@ def _job_path_param() -> dict[str, Any]:
 
 def spec() -> dict[str, Any]:
     """Return the OpenAPI document."""
-    from web import api_models
+    from web import api_model_versions
 
     probs = {"type": "object", "properties": {c: {"type": "number"} for c in CLASSES}, "nullable": True}
     upload_body = {
@@ -165,7 +165,7 @@ def spec() -> dict[str, Any]:
                         "application/json": {"schema": {"type": "object"}}}}, **_errors(401, 404, 409, 429)},
                 }
             },
-            **api_models.openapi_paths(),
+            **api_model_versions.openapi_paths(),
             "/healthz": {"get": {"summary": "Liveness", "security": [], "operationId": "healthz",
                                  "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness", "security": [], "operationId": "readyz",

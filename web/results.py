@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from skinscan.csvsafe import csv_row
 from skinscan.labels import CLASSES
-from skinscan.models import Image, Job, Prediction
 from skinscan.registry import production_model
+from skinscan.tables import ImageRecord, Job, Prediction
 
 CSV_COLUMNS = ["image_id", "filename", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
                "malignancy_score", "flagged", "model_version", "true_label", "error"]
@@ -28,7 +28,7 @@ def _current(preds: list[Prediction], preferred: list[str | None]) -> Prediction
     return max(preds, key=lambda p: p.created_at) if preds else None
 
 
-def rows_for(session: Session, images: list[Image], job: Job, history: bool = False) -> list[dict[str, Any]]:
+def rows_for(session: Session, images: list[ImageRecord], job: Job, history: bool = False) -> list[dict[str, Any]]:
     """Return result rows for images: the production model's prediction if it has one, else the job's."""
     ids = [i.id for i in images]
     preds: dict[str, list[Prediction]] = {}
@@ -60,9 +60,9 @@ def rows_for(session: Session, images: list[Image], job: Job, history: bool = Fa
     return rows
 
 
-def job_images(session: Session, job: Job, limit: int | None = None, offset: int = 0) -> list[Image]:
+def job_images(session: Session, job: Job, limit: int | None = None, offset: int = 0) -> list[ImageRecord]:
     """Return a job's images in upload order, optionally one page of them."""
-    q = select(Image).where(Image.job_id == job.id).order_by(Image.position).offset(offset)
+    q = select(ImageRecord).where(ImageRecord.job_id == job.id).order_by(ImageRecord.position).offset(offset)
     if limit is not None:
         q = q.limit(limit)
     return list(session.scalars(q))

@@ -7,8 +7,8 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from skinscan.models import Image
 from skinscan.settings import Settings, load_settings
+from skinscan.tables import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ def chunked(ids: list[str], size: int) -> list[list[str]]:
 def pending_image_ids(session: Session, job_id: str) -> list[str]:
     """Return the ids of a job's images not yet scored or failed, in upload order."""
     return list(session.scalars(
-        select(Image.id).where(Image.job_id == job_id, Image.status == "pending").order_by(Image.position)
+        select(ImageRecord.id).where(ImageRecord.job_id == job_id, ImageRecord.status == "pending")
+            .order_by(ImageRecord.position)
     ))
 
 

@@ -17,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.imaging import ImageError, decode_rgb
-from skinscan.models import Image, Prediction
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError
+from skinscan.tables import ImageRecord, Prediction
 
 if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
     import torch
@@ -123,12 +123,12 @@ def _version_tag(model_version: str) -> str:
     return hashlib.sha256(model_version.encode()).hexdigest()[:16]
 
 
-def heatmap_key(image: Image, model_version: str) -> str:
+def heatmap_key(image: ImageRecord, model_version: str) -> str:
     """Return the storage key of an image's cached heatmap under a model version."""
     return f"{image.clinic_id}/{image.job_id}/gradcam/{image.id}-{_version_tag(model_version)}.png"
 
 
-def _state_key(image: Image, model_version: str) -> str:
+def _state_key(image: ImageRecord, model_version: str) -> str:
     return heatmap_key(image, model_version)[: -len(".png")] + ".state.json"
 
 
@@ -143,7 +143,7 @@ def _write_state(storage: Storage, key: str, state: dict[str, Any]) -> None:
     storage.put(key, json.dumps(state).encode(), "application/json")
 
 
-def heatmap_state(storage: Storage, image: Image, model_version: str) -> dict[str, Any]:
+def heatmap_state(storage: Storage, image: ImageRecord, model_version: str) -> dict[str, Any]:
     """Return {"state": "ready"|"pending"|"error"|"absent", ...} for an image's heatmap (no side effects)."""
     if storage.exists(heatmap_key(image, model_version)):
         return {"state": "ready"}
@@ -155,7 +155,7 @@ def heatmap_state(storage: Storage, image: Image, model_version: str) -> dict[st
     return {"state": "absent"}
 
 
-def request_heatmap(storage: Storage, image: Image, model_version: str, settings: Settings) -> dict[str, Any]:
+def request_heatmap(storage: Storage, image: ImageRecord, model_version: str, settings: Settings) -> dict[str, Any]:
     """Return the heatmap's state, sending one Grad-CAM task when none is cached or recently requested."""
     state = heatmap_state(storage, image, model_version)
     if state["state"] != "absent":
@@ -187,7 +187,7 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
     settings = settings or load_settings()
     storage = get_storage(settings)
     with session_scope(settings) as session:
-        image = session.get(Image, image_id)
+        image = session.get(ImageRecord, image_id)
         if image is None or not image.storage_key:
             log.warning("Grad-CAM: image %s is gone or was never stored", image_id)
             return False

@@ -10,15 +10,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
-from skinscan.models import Image, Job, Prediction
+from skinscan.tables import ImageRecord, Job, Prediction
 
 
 def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
     """Return counts, predicted-class distribution, flagged count and, with labels, a classification report."""
     rows = session.execute(
-        select(Image.true_label, Prediction.label, Prediction.probabilities, Prediction.flagged)
-        .join(Prediction, Prediction.image_id == Image.id)
-        .where(Image.job_id == job.id, Prediction.model_version == job.model_version)
+        select(ImageRecord.true_label, Prediction.label, Prediction.probabilities, Prediction.flagged)
+        .join(Prediction, Prediction.image_id == ImageRecord.id)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == job.model_version)
     ).all()
     distribution = Counter(r.label for r in rows)
     metrics: dict[str, Any] = {

@@ -12,10 +12,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from skinscan.db import session_scope
-from skinscan.models import Image, Job, JobMetrics, Prediction, utcnow
 from skinscan.registry import bundle_path_for
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError, get_storage
+from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction, utcnow
 from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,16 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
         reason = (f"could not be scored in {MAX_ATTEMPTS} attempts (the worker crashed, timed out or could not "
                   "reach a service each time)")
         session.execute(
-            update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id, Image.status == "pending",
-                                Image.attempts >= MAX_ATTEMPTS)
+            update(ImageRecord)
+                .where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending",
+                                ImageRecord.attempts >= MAX_ATTEMPTS)
             .values(status="failed",
-                    error=literal(reason) + func.coalesce(literal("; last error: ") + Image.error, ""))
+                    error=literal(reason) + func.coalesce(literal("; last error: ") + ImageRecord.error, ""))
         )
         todo = session.execute(
-            select(Image.id, Image.storage_key, Image.attempts).where(
-                Image.id.in_(image_ids), Image.job_id == job_id, Image.status == "pending")
-            .order_by(Image.attempts, Image.position)
+            select(ImageRecord.id, ImageRecord.storage_key, ImageRecord.attempts).where(
+                ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending")
+            .order_by(ImageRecord.attempts, ImageRecord.position)
         ).all()
         return job.model_version, [(i, k, a) for i, k, a in todo]
 
@@ -88,15 +89,15 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
 def count_attempt(job_id: str, image_ids: list[str], settings: Settings) -> None:
     """Count one try on pending images and commit it before they are scored (so a crash still counts)."""
     with session_scope(settings) as session:
-        session.execute(update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id,
-                                            Image.status == "pending").values(attempts=Image.attempts + 1))
+        session.execute(update(ImageRecord).where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id,
+                                            ImageRecord.status == "pending").values(attempts=ImageRecord.attempts + 1))
 
 
 def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings) -> None:
     """Keep the last error of pending images (shown as the reason if they finally fail)."""
     with session_scope(settings) as session:
-        session.execute(update(Image).where(Image.id.in_(image_ids), Image.job_id == job_id,
-                                            Image.status == "pending").values(error=error[:500]))
+        session.execute(update(ImageRecord).where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id,
+                                            ImageRecord.status == "pending").values(error=error[:500]))
 
 
 def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings: Settings) -> None:
@@ -105,11 +106,11 @@ def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings:
         write_predictions(session, scorer, results)
         ok = [r.image_id for r in results if r.probabilities is not None]
         if ok:
-            session.execute(update(Image).where(Image.id.in_(ok), Image.status == "pending")
+            session.execute(update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.status == "pending")
                             .values(status="scored", error=None))
         for r in results:
             if r.error is not None:
-                session.execute(update(Image).where(Image.id == r.image_id, Image.status == "pending")
+                session.execute(update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.status == "pending")
                                 .values(status="failed", error=r.error))
     refresh_job(job_id, settings)
 
@@ -205,7 +206,7 @@ def refresh_job(job_id: str, settings: Settings) -> None:
         if job is None:
             return
         counts = dict(session.execute(
-            select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
+            select(ImageRecord.status, func.count()).where(ImageRecord.job_id == job_id).group_by(ImageRecord.status)
         ).all())
         job.scored, job.failed = counts.get("scored", 0), counts.get("failed", 0)
         job.total = sum(counts.values())
@@ -244,11 +245,11 @@ def fail_stale_uploads(settings: Settings) -> int:
         jobs = list(session.scalars(select(Job).where(Job.status == "uploading", Job.updated_at < cutoff)
                                     .with_for_update(skip_locked=True)))
         for job in jobs:
-            session.execute(update(Image).where(Image.job_id == job.id, Image.status == "pending")
+            session.execute(update(ImageRecord).where(ImageRecord.job_id == job.id, ImageRecord.status == "pending")
                             .values(status="failed", error="the upload of this job was never finished"))
             session.flush()
-            counts = dict(session.execute(select(Image.status, func.count()).where(Image.job_id == job.id)
-                                          .group_by(Image.status)).all())
+            counts = dict(session.execute(select(ImageRecord.status, func.count()).where(ImageRecord.job_id == job.id)
+                                          .group_by(ImageRecord.status)).all())
             job.total, job.scored, job.failed = sum(counts.values()), counts.get("scored", 0), counts.get("failed", 0)
             job.status, job.error, job.finished_at, job.updated_at = "failed", reason, utcnow(), utcnow()
             log.warning("job %s: upload never finished; marked failed", job.id)

@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.db import session_scope
-from skinscan.models import Image, RescoreRun, utcnow
 from skinscan.registry import RegistryError, bundle_path_for, production_model, replaced_model
 from skinscan.rescore_runs import (
     DONE,
@@ -33,6 +32,7 @@ from skinscan.rescore_runs import (
 )
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import get_storage
+from skinscan.tables import ImageRecord, RescoreRun, utcnow
 from worker.pipeline import TRANSIENT_ERRORS, score_items, write_predictions
 from worker.scoring import Scored, Scorer, get_scorer
 
@@ -106,8 +106,9 @@ def rescore_chunk(run_id: int, image_ids: list[str], settings: Settings | None =
             return 0
         version = run.model_to
         todo = [(i, k) for i, k in session.execute(
-            select(Image.id, Image.storage_key).where(Image.id.in_(image_ids), ~has_prediction(version))
-            .order_by(Image.created_at, Image.id))]
+            select(ImageRecord.id, ImageRecord.storage_key)
+                .where(ImageRecord.id.in_(image_ids), ~has_prediction(version))
+            .order_by(ImageRecord.created_at, ImageRecord.id))]
         path = bundle_path_for(session, version)
     written = 0
     if todo:

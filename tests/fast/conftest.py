@@ -48,8 +48,8 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(tmp_path: Path, migrated_template: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Embedded settings on tmp_path (SQLite + local images folder) with a production model registered."""
     from skinscan.db import engine_for_url, session_scope
-    from skinscan.models import ModelVersion, utcnow
     from skinscan.settings import load_settings
+    from skinscan.tables import ModelVersion, utcnow
 
     for name in SERVICE_VARIABLES:
         monkeypatch.delenv(name, raising=False)

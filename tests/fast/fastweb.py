@@ -23,8 +23,8 @@ class SentTasks:
 def make_clinic(settings: Any, name: str | None = None) -> tuple[str, str]:
     """Create a clinic with an API key; return (clinic id, key)."""
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
 
     with session_scope(settings) as session:
         clinic = Clinic(name=name or f"clinic-{secrets.token_hex(3)}")

@@ -14,14 +14,15 @@ from sqlalchemy import func, select
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
-from skinscan.models import Image, Job, Prediction
+from skinscan.tables import ImageRecord, Job, Prediction
 
 Jpeg = Callable[..., bytes]
 
 
-def _job_rows(settings: Any, job_id: str) -> list[Image]:
+def _job_rows(settings: Any, job_id: str) -> list[ImageRecord]:
     with session_scope(settings) as session:
-        rows = list(session.scalars(select(Image).where(Image.job_id == job_id).order_by(Image.position)))
+        rows = list(session.scalars(select(ImageRecord).where(ImageRecord.job_id == job_id)
+            .order_by(ImageRecord.position)))
         session.expunge_all()
         return rows
 
@@ -84,7 +85,7 @@ def test_refused_uploads_keep_nothing(api: Api, settings: Any, sent: SentTasks, 
                                               "error": "no uploaded file with this image id"}]
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
-        assert session.scalar(select(func.count()).select_from(Image)) == 0
+        assert session.scalar(select(func.count()).select_from(ImageRecord)) == 0
     assert _stored_files(settings) == [] and sent.calls == []
 
 
@@ -130,7 +131,8 @@ def _score(settings: Any, job_id: str, labels: dict[str, str]) -> None:
     """Write predictions for a job's pending images as the worker would (filename -> predicted label)."""
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
-        for img in session.scalars(select(Image).where(Image.job_id == job_id, Image.status == "pending")):
+        for img in session.scalars(select(ImageRecord).where(ImageRecord.job_id == job_id,
+            ImageRecord.status == "pending")):
             label = labels[img.filename]
             probs = {c: (0.94 if c == label else 0.01) for c in CLASSES}
             malignancy = sum(probs[c] for c in ("mel", "bcc", "akiec"))

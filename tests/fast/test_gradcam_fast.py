@@ -83,14 +83,14 @@ def test_heatmap_is_requested_once_then_pending(api: Api, settings: Any, sent: S
     """The first request sends one Grad-CAM task and marks it pending; asking again sends nothing while it is
     pending; a request left pending too long (a lost message) is sent again."""
     from skinscan.db import session_scope
-    from skinscan.models import Image
     from skinscan.storage import get_storage
+    from skinscan.tables import ImageRecord
     from worker import gradcam
 
     job_id = api.submit([("ISIC_1.jpg", jpeg())]).get_json()["id"]
     sent.calls.clear()
     with session_scope(settings) as session:
-        image = session.query(Image).filter(Image.job_id == job_id).one()
+        image = session.query(ImageRecord).filter(ImageRecord.job_id == job_id).one()
         session.expunge(image)
     storage = get_storage(settings)
     assert gradcam.request_heatmap(storage, image, MODEL_VERSION, settings) == {"state": "pending"}

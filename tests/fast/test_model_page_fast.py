@@ -28,7 +28,7 @@ def test_markdown_tables_align_with_classes_not_styles() -> None:
 def _bundle_folder(settings: Any) -> Path:
     """The folder the fast layer's production model row points at, with bundle metadata and a card."""
     from skinscan.db import session_scope
-    from skinscan.models import ModelVersion
+    from skinscan.tables import ModelVersion
 
     with session_scope(settings) as session:
         folder = Path(session.query(ModelVersion).filter_by(status="production").one().path)

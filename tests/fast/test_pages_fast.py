@@ -21,8 +21,8 @@ PASSWORD = "correct horse battery"
 def make_user(settings: Any) -> tuple[str, str, str]:
     """Create a clinic with an API key and a web user; return (clinic id, key, email)."""
     from skinscan.db import session_scope
-    from skinscan.models import User
     from skinscan.security import hash_password
+    from skinscan.tables import User
 
     clinic_id, key = make_clinic(settings)
     email = f"staff-{secrets.token_hex(3)}@clinic.example"
@@ -71,14 +71,14 @@ def test_pages_show_one_clinic_nothing_of_another(app: Flask, settings: Any, sen
                                                   jpeg: Callable[..., bytes]) -> None:
     """A job and its image open for their clinic's staff and answer 404 to another clinic's staff."""
     from skinscan.db import session_scope
-    from skinscan.models import Image
+    from skinscan.tables import ImageRecord
 
     owner_id, owner_key, owner_email = make_user(settings)
     _other_id, _other_key, other_email = make_user(settings)
     owner_api = Api(app.test_client(), owner_key, owner_id)
     job_id = owner_api.submit([("ISIC_0000001.jpg", jpeg())]).get_json()["id"]
     with session_scope(settings) as session:
-        image_id = session.query(Image.id).filter(Image.job_id == job_id).scalar()
+        image_id = session.query(ImageRecord.id).filter(ImageRecord.job_id == job_id).scalar()
     owner, stranger = app.test_client(), app.test_client()
     assert sign_in(owner, owner_email).status_code == 302
     assert sign_in(stranger, other_email).status_code == 302

@@ -138,8 +138,8 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
 def make_clinic(settings: Any, name: str) -> tuple[str, str]:
     """Create a clinic with an API key; return (clinic id, key)."""
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
 
     with session_scope(settings) as session:
         clinic = Clinic(name=name)

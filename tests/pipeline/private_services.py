@@ -175,8 +175,8 @@ class Client(Api):
 def make_client(settings: Any, name: str | None = None) -> Client:
     """Create an app on these settings and a clinic with an API key."""
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
     from web import create_app
 
     with session_scope(settings) as session:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from skinscan.audit import record
 from skinscan.db import get_engine, session_scope
-from skinscan.models import AuditEvent
+from skinscan.tables import AuditEvent
 
 pytestmark = [pytest.mark.services]
 

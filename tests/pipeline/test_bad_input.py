@@ -20,8 +20,7 @@ from private_services import Client, make_client, settings_with
 from sqlalchemy import func, select
 
 from skinscan.db import session_scope
-from skinscan.models import Image as ImageRow
-from skinscan.models import Job, Prediction
+from skinscan.tables import ImageRecord, Job, Prediction
 
 pytestmark = [pytest.mark.services]
 
@@ -75,8 +74,8 @@ def assert_nothing_kept(stack, client: Client) -> None:  # type: ignore[no-untyp
     """A refused upload leaves no job, no image row and no stored object for the clinic."""
     with session_scope(client.settings) as session:
         assert session.scalar(select(func.count()).select_from(Job).where(Job.clinic_id == client.clinic_id)) == 0
-        assert session.scalar(select(func.count()).select_from(ImageRow)
-                              .where(ImageRow.clinic_id == client.clinic_id)) == 0
+        assert session.scalar(select(func.count()).select_from(ImageRecord)
+                              .where(ImageRecord.clinic_id == client.clinic_id)) == 0
     assert stored_objects(stack, client.clinic_id + "/") == []
 
 
@@ -211,12 +210,13 @@ def test_odd_batch_each_file_gets_a_clear_outcome(stack, ham_images) -> None:  #
 
     with session_scope(settings) as session:
         per_image = dict(session.execute(
-            select(ImageRow.id, func.count(Prediction.id)).outerjoin(Prediction, Prediction.image_id == ImageRow.id)
-            .where(ImageRow.job_id == body["id"]).group_by(ImageRow.id)).all())
-        statuses = dict(session.execute(select(ImageRow.id, ImageRow.status)
-                                        .where(ImageRow.job_id == body["id"])).all())
-        keys = dict(session.execute(select(ImageRow.filename, ImageRow.storage_key)
-                                    .where(ImageRow.job_id == body["id"])).all())
+            select(ImageRecord.id, func.count(Prediction.id))
+                .outerjoin(Prediction, Prediction.image_id == ImageRecord.id)
+            .where(ImageRecord.job_id == body["id"]).group_by(ImageRecord.id)).all())
+        statuses = dict(session.execute(select(ImageRecord.id, ImageRecord.status)
+                                        .where(ImageRecord.job_id == body["id"])).all())
+        keys = dict(session.execute(select(ImageRecord.filename, ImageRecord.storage_key)
+                                    .where(ImageRecord.job_id == body["id"])).all())
     assert all(per_image[i] == (1 if s == "scored" else 0) for i, s in statuses.items())
     assert all(k is None or (".." not in k and "passwd" not in k and "evil" not in k) for k in keys.values())
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from tests_helpers import sixteen_bit_png
 
 from skinscan.db import session_scope
-from skinscan.models import Image as ImageRow
+from skinscan.tables import ImageRecord
 
 pytestmark = [pytest.mark.services]
 
@@ -46,13 +46,13 @@ def test_sixteen_bit_bomb_already_stored_fails_alone_in_the_worker(stack, good_i
     client = make_client(settings)
     job_id = client.submit(good_images).get_json()["id"]
     with session_scope(settings) as session:
-        rows = session.execute(select(ImageRow.id, ImageRow.storage_key).where(ImageRow.job_id == job_id)
-                               .order_by(ImageRow.position)).all()
+        rows = session.execute(select(ImageRecord.id, ImageRecord.storage_key).where(ImageRecord.job_id == job_id)
+                               .order_by(ImageRecord.position)).all()
     get_storage(settings).put(rows[1][1], sixteen_bit_png(7000, 7000), "image/png")
     pipeline.score_chunk(job_id, [i for i, _ in rows], settings)
     with session_scope(settings) as session:
         outcome = {r.id: (r.status, r.error) for r in session.scalars(
-            select(ImageRow).where(ImageRow.job_id == job_id))}
+            select(ImageRecord).where(ImageRecord.job_id == job_id))}
     assert outcome[rows[1][0]][0] == "failed" and REASON in outcome[rows[1][0]][1]
     assert [outcome[i][0] for i, _ in rows if i != rows[1][0]] == ["scored", "scored"]
     assert client.wait(job_id)["counts"] == {"total": 3, "scored": 2, "failed": 1}

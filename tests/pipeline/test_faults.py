@@ -30,7 +30,7 @@ from realservices import free_port, wait_port
 from sqlalchemy import func, select
 
 from skinscan.db import session_scope
-from skinscan.models import Image, Job, JobMetrics, Prediction
+from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -96,15 +96,16 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
 def in_flight(settings: Any, job_id: str) -> set[str]:
     """Ids of a job's images a worker has claimed but not finished (pending with an attempt counted)."""
     with session_scope(settings) as session:
-        return set(session.scalars(select(Image.id).where(Image.job_id == job_id, Image.status == "pending",
-                                                          Image.attempts > 0)))
+        return set(session.scalars(select(ImageRecord.id)
+            .where(ImageRecord.job_id == job_id, ImageRecord.status == "pending",
+                                                          ImageRecord.attempts > 0)))
 
 
 def scored(settings: Any, job_id: str) -> int:
     """How many of a job's images are scored."""
     with session_scope(settings) as session:
-        return session.scalar(select(func.count()).select_from(Image)
-                              .where(Image.job_id == job_id, Image.status == "scored")) or 0
+        return session.scalar(select(func.count()).select_from(ImageRecord)
+                              .where(ImageRecord.job_id == job_id, ImageRecord.status == "scored")) or 0
 
 
 def assert_exactly_once(settings: Any, job_id: str, n: int = N_IMAGES, retried: frozenset[str] = frozenset(),
@@ -125,10 +126,10 @@ def assert_exactly_once(settings: Any, job_id: str, n: int = N_IMAGES, retried: 
         assert (job.total, job.scored, job.failed) == (n, n, 0), (job.total, job.scored, job.failed)
         assert job.progress == 1.0 and job.finished_at is not None and job.error is None
         assert session.get(JobMetrics, (job_id, job.model_version)) is not None  # stored once no image was pending
-        images = session.execute(select(Image.id, Image.status, Image.error, Image.attempts)
-                                 .where(Image.job_id == job_id)).all()
-        predicted = session.execute(select(Prediction.image_id, Prediction.model_version).join(Image)
-                                    .where(Image.job_id == job_id)).all()
+        images = session.execute(select(ImageRecord.id, ImageRecord.status, ImageRecord.error, ImageRecord.attempts)
+                                 .where(ImageRecord.job_id == job_id)).all()
+        predicted = session.execute(select(Prediction.image_id, Prediction.model_version).join(ImageRecord)
+                                    .where(ImageRecord.job_id == job_id)).all()
     assert len(images) == n
     statuses = {status for _, status, _, _ in images}
     assert statuses == {"scored"}, statuses
@@ -267,17 +268,18 @@ def test_missing_object_fails_that_image_only(lab, job_files) -> None:  # type: 
     settings = lab.settings()
     client, job_id = submit(lab, job_files[:40])
     with session_scope(settings) as session:
-        gone_id, key = session.execute(select(Image.id, Image.storage_key).where(Image.job_id == job_id)
-                                       .order_by(Image.position).offset(3).limit(1)).one()
+        gone_id, key = session.execute(select(ImageRecord.id, ImageRecord.storage_key)
+            .where(ImageRecord.job_id == job_id)
+                                       .order_by(ImageRecord.position).offset(3).limit(1)).one()
     get_storage(settings).delete(key)
     lab.worker()
     job = client.wait(job_id, timeout=600)
     assert job["status"] == "done" and job["counts"] == {"total": 40, "scored": 39, "failed": 1}, job
     with session_scope(settings) as session:
-        gone = session.get(Image, gone_id)
+        gone = session.get(ImageRecord, gone_id)
         assert gone.status == "failed" and "missing" in gone.error and gone.attempts == MISSING_ATTEMPTS
-        assert session.scalar(select(func.count()).select_from(Prediction).join(Image)
-                              .where(Image.job_id == job_id)) == 39
+        assert session.scalar(select(func.count()).select_from(Prediction).join(ImageRecord)
+                              .where(ImageRecord.job_id == job_id)) == 39
 
 
 class Crash(BaseException):
@@ -294,8 +296,9 @@ def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str)
     settings = lab.settings()
     client, job_id = submit(lab, job_files[:16])
     with session_scope(settings) as session:
-        ids = list(session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.position)))
-        poison_key = session.scalar(select(Image.storage_key).where(Image.id == ids[5]))
+        ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == job_id)
+            .order_by(ImageRecord.position)))
+        poison_key = session.scalar(select(ImageRecord.storage_key).where(ImageRecord.id == ids[5]))
     from skinscan.storage import get_storage
 
     stored_poison = get_storage(settings).get(poison_key)
@@ -322,7 +325,7 @@ def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str)
     job = client.wait(job_id, timeout=600)
     assert job["status"] == "done" and job["counts"] == {"total": 16, "scored": 15, "failed": 1}
     with session_scope(settings) as session:
-        poison = session.get(Image, ids[5])
+        poison = session.get(ImageRecord, ids[5])
         assert poison.status == "failed" and f"in {pipeline.MAX_ATTEMPTS} attempts" in poison.error
         assert poison.attempts == pipeline.MAX_ATTEMPTS
         if fault == "error":
@@ -330,8 +333,8 @@ def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str)
         version = session.get(Job, job_id).model_version
         predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.model_version == version,
                                                                           Prediction.image_id.in_(ids))))
-        mates = session.execute(select(Image.id, Image.status, Image.error, Image.attempts)
-                                .where(Image.job_id == job_id, Image.id != ids[5])).all()
+        mates = session.execute(select(ImageRecord.id, ImageRecord.status, ImageRecord.error, ImageRecord.attempts)
+                                .where(ImageRecord.job_id == job_id, ImageRecord.id != ids[5])).all()
     assert predicted == set(ids) - {ids[5]}  # every chunk-mate has its prediction, the poison image none
     # The first delivery tried the chunk as one batch, the second each image alone: two tries, and the error the
     # failed batch noted on every image is cleared when it is scored.
@@ -384,7 +387,7 @@ def test_web_killed_during_upload(lab, spawn, job_files) -> None:  # type: ignor
 
     with session_scope(settings) as session:
         jobs = session.execute(select(Job.id, Job.status).where(Job.clinic_id == client.clinic_id)).all()
-        images = session.scalar(select(func.count()).select_from(Image).where(Image.job_id == parts_job))
+        images = session.scalar(select(func.count()).select_from(ImageRecord).where(ImageRecord.job_id == parts_job))
     assert jobs == [(parts_job, "uploading")]  # no other job was made, none looks queued or running
     assert images == 3  # the killed part added nothing
     listing = client.get("/api/v1/jobs").get_json()["jobs"]

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from skinscan.db import session_scope
 from skinscan.imaging import decode_rgb
-from skinscan.models import Image as ImageRow
+from skinscan.tables import ImageRecord
 
 pytestmark = [pytest.mark.services]
 
@@ -112,8 +112,8 @@ def test_stored_objects_carry_no_identifying_metadata(stack, photo) -> None:  # 
     assert resp.status_code == 202, resp.get_json()
     assert resp.get_json()["accepted"] == len(files), resp.get_json()
     with session_scope(settings) as session:
-        rows = dict(session.execute(select(ImageRow.filename, ImageRow.storage_key)
-                                    .where(ImageRow.job_id == resp.get_json()["id"])).all())
+        rows = dict(session.execute(select(ImageRecord.filename, ImageRecord.storage_key)
+                                    .where(ImageRecord.job_id == resp.get_json()["id"])).all())
     s3 = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
     for name, data in files.items():
         stored = s3.client.get_object(Bucket=settings.s3_bucket, Key=rows[name])["Body"].read()

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
-from skinscan.models import Image, Prediction
+from skinscan.tables import ImageRecord, Prediction
 
 pytestmark = [pytest.mark.services]
 
@@ -19,8 +19,9 @@ def prediction_counts(settings, job_id: str) -> dict[str, int]:
     """Number of predictions per image of a job."""
     with session_scope(settings) as session:
         rows = session.execute(
-            select(Image.id, func.count(Prediction.id)).outerjoin(Prediction, Prediction.image_id == Image.id)
-            .where(Image.job_id == job_id).group_by(Image.id)
+            select(ImageRecord.id, func.count(Prediction.id))
+                .outerjoin(Prediction, Prediction.image_id == ImageRecord.id)
+            .where(ImageRecord.job_id == job_id).group_by(ImageRecord.id)
         ).all()
     return {i: n for i, n in rows}
 
@@ -72,7 +73,7 @@ def test_full_path_on_real_services(stack, api, isic_test_images):
 
     # Stored objects are opaque ids, never the uploaded file names.
     with session_scope(settings) as session:
-        keys = list(session.scalars(select(Image.storage_key).where(Image.job_id == body["id"])))
+        keys = list(session.scalars(select(ImageRecord.storage_key).where(ImageRecord.job_id == body["id"])))
     assert all(k is None or "ISIC" not in k for k in keys)
 
 
@@ -88,13 +89,14 @@ def test_redelivered_chunk_changes_nothing(stack, api, isic_test_images):
     job = api.wait(body["id"])
     settings = stack.settings()
     with session_scope(settings) as session:
-        ids = list(session.scalars(select(Image.id).where(Image.job_id == body["id"]).order_by(Image.position)))
+        ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == body["id"])
+                                   .order_by(ImageRecord.position)))
     # Once through the real worker (via the broker), once directly, with the image rows reset to pending as
     # if the first delivery had died between writing predictions and marking its images.
     for chunk in chunked(ids, 16):
         celery_for(settings).send_task("worker.tasks.score_chunk", args=[body["id"], chunk])
     with session_scope(settings) as session:
-        session.execute(Image.__table__.update().where(Image.job_id == body["id"]).values(status="pending"))
+        session.execute(ImageRecord.__table__.update().where(ImageRecord.job_id == body["id"]).values(status="pending"))
     pipeline.score_chunk(body["id"], ids, settings)
     api.wait(body["id"])
     counts = prediction_counts(settings, body["id"])

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from test_faults import assert_exactly_once, in_flight, scored, submit, wait_for
 
 from skinscan.db import session_scope
-from skinscan.models import Image, Job
+from skinscan.tables import ImageRecord, Job
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def ham_files(ham_dir) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-de
 def attempts(settings: Any, job_id: str) -> dict[str, int]:
     """Tries counted on each of a job's images."""
     with session_scope(settings) as session:
-        return dict(session.execute(select(Image.id, Image.attempts).where(Image.job_id == job_id)).all())
+        return dict(session.execute(select(ImageRecord.id, ImageRecord.attempts)
+            .where(ImageRecord.job_id == job_id)).all())
 
 
 def test_killed_worker_recovered_within_a_minute_of_restart(stack, ham_files) -> None:  # type: ignore[no-untyped-def]
@@ -127,12 +128,12 @@ def bucket_keys(stack: Any) -> set[str]:
 def claimed_keys(settings: Any) -> set[str]:
     """Storage keys of committed image rows."""
     with session_scope(settings) as session:
-        return set(session.scalars(select(Image.storage_key).where(Image.storage_key.is_not(None))))
+        return set(session.scalars(select(ImageRecord.storage_key).where(ImageRecord.storage_key.is_not(None))))
 
 
 def intents(settings: Any) -> int:
     """Upload intents not yet ended (uploads refused or interrupted, and not yet swept)."""
-    from skinscan.models import Upload
+    from skinscan.tables import Upload
 
     with session_scope(settings) as session:
         return session.scalar(select(func.count()).select_from(Upload)) or 0
@@ -299,7 +300,7 @@ def test_images_stored_before_intents_are_swept_by_hand(stack, ham_files) -> Non
     bucket = stack.env["S3_BUCKET"]
     claimed_old = f"{client.clinic_id}/{job_id}/{uuid.uuid4().hex}.jpg"  # an image stored the old way, with a row
     with session_scope(settings) as session:
-        image = session.scalars(select(Image).where(Image.job_id == job_id)).first()
+        image = session.scalars(select(ImageRecord).where(ImageRecord.job_id == job_id)).first()
         image.storage_key = claimed_old
         heatmap = f"{client.clinic_id}/{job_id}/gradcam/{image.id}-0123456789abcdef.png"
     orphan = f"{client.clinic_id}/{uuid.uuid4().hex}/{uuid.uuid4().hex}.jpg"  # the old way, never committed

@@ -22,7 +22,7 @@ from realservices import REDIS_BASE, ROOT
 from sqlalchemy import func, select
 
 from skinscan.db import session_scope
-from skinscan.models import AuditEvent, Image, Job, ModelVersion, Prediction, RescoreRun
+from skinscan.tables import AuditEvent, ImageRecord, Job, ModelVersion, Prediction, RescoreRun
 
 pytestmark = [pytest.mark.services]
 
@@ -125,8 +125,8 @@ class Client:
     """A Flask test client for the stack, signed in as one clinic."""
 
     def __init__(self, settings: Any, name: str) -> None:
-        from skinscan.models import Clinic
         from skinscan.security import create_api_key
+        from skinscan.tables import Clinic
         from web import create_app
 
         self.client = create_app(settings).test_client()
@@ -204,7 +204,8 @@ def predictions_by_image(settings: Any, image_ids: list[str]) -> dict[str, dict[
 def job_image_ids(settings: Any, job_id: str) -> list[str]:
     """A job's image ids in upload order."""
     with session_scope(settings) as session:
-        return list(session.scalars(select(Image.id).where(Image.job_id == job_id).order_by(Image.position)))
+        return list(session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == job_id)
+            .order_by(ImageRecord.position)))
 
 
 def get_run(settings: Any, run_id: int) -> RescoreRun:
@@ -383,7 +384,7 @@ def test_nightly_rescore_through_beat_and_worker(rstack, two_bundles, isic2017_d
         assert (kept.id, kept.probabilities, kept.label, kept.flagged) == (old.id, old.probabilities, old.label,
                                                                            old.flagged)
     with session_scope(settings) as session:
-        assert set(session.scalars(select(Image.status).where(Image.job_id == job["id"]))) == {"scored"}
+        assert set(session.scalars(select(ImageRecord.status).where(ImageRecord.job_id == job["id"]))) == {"scored"}
         upload = session.get(Job, job["id"])
         assert (upload.status, upload.scored, upload.model_version) == ("done", N_IMAGES, "rescore-a")
 

@@ -19,8 +19,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select, text
 
 from skinscan.db import get_engine, session_scope
-from skinscan.models import AuditEvent, Job
-from skinscan.models import Image as ImageRow
+from skinscan.tables import AuditEvent, ImageRecord, Job
 
 pytestmark = [pytest.mark.services]
 
@@ -41,8 +40,8 @@ def score_in_process(settings: Any, job_id: str) -> None:
     from worker import pipeline
 
     with session_scope(settings) as session:
-        ids = list(session.scalars(select(ImageRow.id).where(ImageRow.job_id == job_id,
-                                                             ImageRow.status == "pending")))
+        ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == job_id,
+                                                             ImageRecord.status == "pending")))
     pipeline.score_chunk(job_id, ids, settings)
 
 
@@ -61,8 +60,8 @@ def all_text_in_database(settings: Any) -> str:
 
 def test_keys_and_passwords_are_stored_hashed(stack) -> None:  # type: ignore[no-untyped-def]
     """No plaintext API key or password is anywhere in the database; keys compare in constant time."""
-    from skinscan.models import User
     from skinscan.security import clinic_for_key, hash_password, verify_password
+    from skinscan.tables import User
 
     settings = stack.settings()
     client = make_client(settings)
@@ -130,7 +129,7 @@ def test_clinics_cannot_reach_each_others_data(stack, ham_images) -> None:  # ty
     score_in_process(settings, done)
     open_job = a.submit(ham_images[3:5], finalize="false").get_json()["id"]
     with session_scope(settings) as session:
-        image_id = session.scalar(select(ImageRow.id).where(ImageRow.job_id == done))
+        image_id = session.scalar(select(ImageRecord.id).where(ImageRecord.job_id == done))
     secrets_of_a = [done, open_job, image_id, *[n for n, _ in ham_images[:5]]]
     values = {"job_id": done, "image_id": image_id}
     app = a.client.application
@@ -160,7 +159,7 @@ def test_clinics_cannot_reach_each_others_data(stack, ham_images) -> None:  # ty
     assert b.get("/api/v1/jobs").get_json()["total"] == 0
     with session_scope(settings) as session:
         assert session.scalar(select(Job.status).where(Job.id == open_job)) == "uploading"
-        assert len(session.scalars(select(ImageRow.id).where(ImageRow.job_id == open_job)).all()) == 2
+        assert len(session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == open_job)).all()) == 2
     assert a.get(f"/api/v1/jobs/{done}/metrics").status_code == 200
     assert a.get(f"/api/v1/jobs/{done}/results").get_json()["total"] == 3
 
@@ -296,8 +295,8 @@ def test_identifying_metadata_is_removed_before_storage(stack, ham_images) -> No
     resp = client.submit([("exif.jpg", jpeg), ("text.png", png)])
     assert resp.status_code == 202
     with session_scope(settings) as session:
-        rows = dict(session.execute(select(ImageRow.filename, ImageRow.storage_key)
-                                    .where(ImageRow.job_id == resp.get_json()["id"])).all())
+        rows = dict(session.execute(select(ImageRecord.filename, ImageRecord.storage_key)
+                                    .where(ImageRecord.job_id == resp.get_json()["id"])).all())
     s3 = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
     for name, key in rows.items():
         stored = s3.client.get_object(Bucket=settings.s3_bucket, Key=key)["Body"].read()

@@ -45,8 +45,8 @@ def tiny_png(seed: int = 0) -> bytes:
 
 def add_user(settings: Any, clinic_id: str, password: str = PASSWORD) -> str:
     """Add a web user to an existing clinic; return the email."""
-    from skinscan.models import User
     from skinscan.security import hash_password
+    from skinscan.tables import User
 
     email = f"staff-{uuid.uuid4().hex[:6]}@example.org"
     with session_scope(settings) as session:
@@ -315,8 +315,8 @@ def _users_create(env: dict[str, str], *args: str, stdin: str = "") -> subproces
 def test_users_create_takes_the_password_from_stdin_not_argv(stack) -> None:  # type: ignore[no-untyped-def]
     """`skinscan users create --password-stdin` reads the password from a pipe (nothing on the command line for
     `ps` to show); the old `--password VALUE` is refused with a pointer to it and creates nothing."""
-    from skinscan.models import User
     from skinscan.security import verify_password
+    from skinscan.tables import User
 
     settings = stack.settings()
     client = make_client(settings, "CLI Clinic")

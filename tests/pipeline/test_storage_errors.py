@@ -13,8 +13,8 @@ from private_services import make_client
 from sqlalchemy import select
 
 from skinscan.db import session_scope
-from skinscan.models import Image as ImageRow
 from skinscan.storage import LocalStorage, StorageError
+from skinscan.tables import ImageRecord
 
 pytestmark = [pytest.mark.services]
 
@@ -31,8 +31,8 @@ def submitted(stack: Any, files: list[tuple[str, bytes]]) -> tuple[Any, str, lis
     settings = stack.settings()
     job_id = make_client(settings).submit(files).get_json()["id"]
     with session_scope(settings) as session:
-        rows = session.execute(select(ImageRow.id, ImageRow.storage_key).where(ImageRow.job_id == job_id)
-                               .order_by(ImageRow.position)).all()
+        rows = session.execute(select(ImageRecord.id, ImageRecord.storage_key).where(ImageRecord.job_id == job_id)
+                               .order_by(ImageRecord.position)).all()
     return settings, job_id, [(i, k) for i, k in rows]
 
 
@@ -40,7 +40,7 @@ def states(settings: Any, job_id: str) -> list[tuple[str, str | None, int]]:
     """(status, error, attempts) of a job's images in upload order."""
     with session_scope(settings) as session:
         return [(r.status, r.error, r.attempts) for r in session.scalars(
-            select(ImageRow).where(ImageRow.job_id == job_id).order_by(ImageRow.position))]
+            select(ImageRecord).where(ImageRecord.job_id == job_id).order_by(ImageRecord.position))]
 
 
 def test_connection_error_in_existence_check_is_an_outage(stack, good_images, caplog) -> None:  # type: ignore[no-untyped-def]

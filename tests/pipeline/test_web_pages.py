@@ -29,8 +29,8 @@ def private_redis(stack: Any) -> str:
 def make_user(settings: Any, clinic: str | None = None, password: str = PASSWORD) -> tuple[str, str]:
     """Create a clinic and a web user for it; return (clinic id, email)."""
     from skinscan.db import session_scope
-    from skinscan.models import Clinic, User
     from skinscan.security import hash_password
+    from skinscan.tables import Clinic, User
 
     clinic = clinic or f"clinic-{uuid.uuid4().hex[:6]}"
     email = f"staff-{uuid.uuid4().hex[:6]}@{clinic}.example"
@@ -148,11 +148,11 @@ def db_predictions(settings: Any, job_id: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from skinscan.db import session_scope
-    from skinscan.models import Image, Prediction
+    from skinscan.tables import ImageRecord, Prediction
 
     with session_scope(settings) as session:
-        rows = session.execute(select(Prediction).join(Image, Image.id == Prediction.image_id)
-                               .where(Image.job_id == job_id)).scalars().all()
+        rows = session.execute(select(Prediction).join(ImageRecord, ImageRecord.id == Prediction.image_id)
+                               .where(ImageRecord.job_id == job_id)).scalars().all()
         session.expunge_all()
         return {p.image_id: p for p in rows}
 
@@ -210,7 +210,7 @@ def test_sign_in_sessions_and_csrf(stack):
     from sqlalchemy import func, select
 
     from skinscan.db import session_scope
-    from skinscan.models import AuditEvent, Job
+    from skinscan.tables import AuditEvent, Job
 
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
@@ -218,8 +218,8 @@ def test_sign_in_sessions_and_csrf(stack):
                               .where(AuditEvent.action == "user.sign_in")) == 1
 
     # The bearer-key API is not subject to CSRF (it answers about the missing files, not a token).
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
 
     with session_scope(settings) as session:
         key = create_api_key(session, session.scalars(select(Clinic)).first())
@@ -232,8 +232,8 @@ def test_sign_in_sessions_and_csrf(stack):
     assert client.get("/jobs").status_code == 302
     other = Staff(app, email)
     assert other.get("/jobs").status_code == 200
-    from skinscan.models import User
     from skinscan.security import hash_password
+    from skinscan.tables import User
 
     with session_scope(settings) as session:
         user = session.scalars(select(User).where(User.email == email)).one()
@@ -316,10 +316,10 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     by_upload = table_rows(staff.get(f"/jobs/{job_id}?sort=upload").text)
     order = [n for n, _ in upload]
     from skinscan.db import session_scope
-    from skinscan.models import Image
+    from skinscan.tables import ImageRecord
 
     with session_scope(settings) as session:
-        names = {i.id: i.filename for i in session.query(Image).filter(Image.job_id == job_id)}
+        names = {i.id: i.filename for i in session.query(ImageRecord).filter(ImageRecord.job_id == job_id)}
     assert [names[r["image-id"]] for r in by_upload] == order
     by_file = [names[r["image-id"]] for r in table_rows(staff.get(f"/jobs/{job_id}?sort=file&dir=desc").text)]
     isic = [n for n in by_file if n.startswith("ISIC_")]  # other names sort by the database's collation
@@ -362,7 +362,7 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     assert image_page.status_code == 200
     assert "Class probabilities" in image_page.text and 'data-state-url="/images/' in image_page.text
     with session_scope(settings) as session:
-        key = session.get(Image, image_id).storage_key
+        key = session.get(ImageRecord, image_id).storage_key
     assert key and key not in image_page.text and settings.s3_bucket not in image_page.text
     assert "flagged" in image_page.text.lower() and "referral threshold" in image_page.text
     original = staff.get(f"/images/{image_id}/file")

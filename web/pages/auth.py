@@ -12,8 +12,8 @@ from flask import abort, flash, g, make_response, redirect, render_template, req
 from sqlalchemy import select
 
 from skinscan import audit
-from skinscan.models import User
 from skinscan.security import verify_password
+from skinscan.tables import User
 from web.context import db
 from web.errors import wants_json
 from web.pages.common import page_blueprint, safe_next

@@ -12,8 +12,8 @@ from PIL import Image as PILImage
 
 from skinscan import audit
 from skinscan.imaging import ImageError, decode_rgb
-from skinscan.models import Image, Job, ModelVersion, Prediction
 from skinscan.storage import StorageError
+from skinscan.tables import ImageRecord, Job, ModelVersion, Prediction
 from training.bundle import referral_threshold
 from web.context import db, settings, storage
 from web.pages.auth import login_required
@@ -28,9 +28,9 @@ CACHE_SECONDS = 7 * 24 * 3600
 BROWSER_TYPES = ("image/jpeg", "image/png")
 
 
-def clinic_image(image_id: str) -> Image:
+def clinic_image(image_id: str) -> ImageRecord:
     """Return the signed-in clinic's image, or 404 (also when it belongs to another clinic)."""
-    image = db().get(Image, image_id) if len(image_id) <= 64 else None
+    image = db().get(ImageRecord, image_id) if len(image_id) <= 64 else None
     if image is None or image.clinic_id != g.clinic.id:
         abort(404)
     return image
@@ -52,7 +52,7 @@ def _not_modified(etag: str) -> Response | None:
     return None
 
 
-def _stored_bytes(image: Image) -> bytes:
+def _stored_bytes(image: ImageRecord) -> bytes:
     if not image.storage_key:
         abort(404)
     try:
@@ -100,7 +100,7 @@ def thumb(image_id: str):  # type: ignore[no-untyped-def]
     return _cached(out.getvalue(), "image/jpeg", etag)
 
 
-def _shown(image: Image) -> tuple[Job, str | None, Prediction | None]:
+def _shown(image: ImageRecord) -> tuple[Job, str | None, Prediction | None]:
     """The image's job, the model version the pages show for it, and its prediction under that version."""
     job = db().get(Job, image.job_id)
     assert job is not None
@@ -108,7 +108,7 @@ def _shown(image: Image) -> tuple[Job, str | None, Prediction | None]:
     return job, version, prediction_for(db(), image, version)
 
 
-def _ask_heatmap(image: Image, version: str) -> dict[str, Any]:
+def _ask_heatmap(image: ImageRecord, version: str) -> dict[str, Any]:
     """The heatmap's state, asking a worker for it if needed; the page still works when the broker is down."""
     from worker.gradcam import request_heatmap
 

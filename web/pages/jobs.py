@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.labels import CLASSES, MALIGNANT
-from skinscan.models import Image, Job, JobMetrics, Prediction
 from skinscan.storage import StorageError
+from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
 from web.context import db, settings, storage
 from web.errors import wants_json
 from web.intake import UploadError, create_job, discard_stored, enqueue_committed
@@ -130,8 +130,8 @@ def _confusion(metrics: dict[str, Any]) -> dict[str, Any] | None:
 def _referral_capture(session: Session, job: Job, version: str | None) -> list[dict[str, Any]]:
     """How many labelled melanomas and malignant lesions the referral flag caught."""
     rows = session.execute(
-        select(Image.true_label, Prediction.flagged).join(Prediction, Prediction.image_id == Image.id)
-        .where(Image.job_id == job.id, Prediction.model_version == version, Image.true_label.is_not(None))
+        select(ImageRecord.true_label, Prediction.flagged).join(Prediction, Prediction.image_id == ImageRecord.id)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == version, ImageRecord.true_label.is_not(None))
     ).all()
     out = []
     for name, members in (("Melanoma", {"mel"}), ("Malignant lesions", set(MALIGNANT))):

@@ -12,8 +12,8 @@ from flask import abort, render_template, send_file
 from markupsafe import Markup
 from sqlalchemy import select
 
-from skinscan.models import ModelVersion
 from skinscan.registry import production_model
+from skinscan.tables import ModelVersion
 from training.bundle import BundleError, referral_threshold
 from web.context import db, settings
 from web.pages.auth import login_required

@@ -11,16 +11,16 @@ from sqlalchemy import Select, and_, func, select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
-from skinscan.models import Image, Job, Prediction
 from skinscan.registry import production_model
+from skinscan.tables import ImageRecord, Job, Prediction
 
 SORTS: dict[str, Any] = {
     "malignancy": Prediction.malignancy,
     "probability": Prediction.confidence,
     "class": Prediction.label,
     "flag": Prediction.flagged,
-    "file": func.lower(Image.filename),
-    "upload": Image.position,
+    "file": func.lower(ImageRecord.filename),
+    "upload": ImageRecord.position,
 }
 FIRST_DIRECTION = {"malignancy": "desc", "probability": "desc", "flag": "desc", "class": "asc", "file": "asc",
                    "upload": "asc"}
@@ -87,7 +87,7 @@ class TableQuery:
 class ResultRow:
     """One table row: the uploaded file and its prediction under the shown model version (None if unscored)."""
 
-    image: Image
+    image: ImageRecord
     prediction: Prediction | None
 
 
@@ -121,13 +121,14 @@ def results_version(session: Session, job: Job) -> str | None:
     prod = production_model(session)
     if prod is None or prod.version == job.model_version or not job.scored:
         return job.model_version
-    n = session.scalar(select(func.count()).select_from(Prediction).join(Image, Image.id == Prediction.image_id)
-                       .where(Image.job_id == job.id, Prediction.model_version == prod.version)) or 0
+    n = session.scalar(select(func.count()).select_from(Prediction)
+        .join(ImageRecord, ImageRecord.id == Prediction.image_id)
+                       .where(ImageRecord.job_id == job.id, Prediction.model_version == prod.version)) or 0
     return prod.version if n >= job.scored else job.model_version
 
 
 def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
-    stmt = stmt.where(Image.job_id == job.id)
+    stmt = stmt.where(ImageRecord.job_id == job.id)
     if q.cls:
         stmt = stmt.where(Prediction.label == q.cls)
     if q.flag == "yes":
@@ -139,14 +140,14 @@ def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
 
 def results_page(session: Session, job: Job, version: str | None, q: TableQuery) -> TablePage:
     """Return one page of the job's rows, filtered and sorted in the database (unscored rows last)."""
-    join = and_(Prediction.image_id == Image.id, Prediction.model_version == version)
-    total = session.scalar(_filtered(select(func.count()).select_from(Image).outerjoin(Prediction, join), job, q))
+    join = and_(Prediction.image_id == ImageRecord.id, Prediction.model_version == version)
+    total = session.scalar(_filtered(select(func.count()).select_from(ImageRecord).outerjoin(Prediction, join), job, q))
     total = int(total or 0)
     page = min(q.page, max(1, math.ceil(total / q.per_page)))
     column = SORTS[q.sort]
     order = (column.asc() if q.direction == "asc" else column.desc()).nulls_last()
-    stmt = (_filtered(select(Image, Prediction).outerjoin(Prediction, join), job, q)
-            .order_by(order, Image.position).limit(q.per_page).offset((page - 1) * q.per_page))
+    stmt = (_filtered(select(ImageRecord, Prediction).outerjoin(Prediction, join), job, q)
+            .order_by(order, ImageRecord.position).limit(q.per_page).offset((page - 1) * q.per_page))
     rows = [ResultRow(image, prediction) for image, prediction in session.execute(stmt).all()]
     return TablePage(rows=rows, total=total, page=page, per_page=q.per_page)
 
@@ -154,8 +155,8 @@ def results_page(session: Session, job: Job, version: str | None, q: TableQuery)
 def class_counts(session: Session, job: Job, version: str | None) -> dict[str, int]:
     """Return how many of the job's images each class was predicted for (every class, zeros included)."""
     counts = dict(session.execute(
-        select(Prediction.label, func.count()).join(Image, Image.id == Prediction.image_id)
-        .where(Image.job_id == job.id, Prediction.model_version == version).group_by(Prediction.label)
+        select(Prediction.label, func.count()).join(ImageRecord, ImageRecord.id == Prediction.image_id)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == version).group_by(Prediction.label)
     ).all())
     return {c: int(counts.get(c, 0)) for c in CLASSES}
 
@@ -163,20 +164,21 @@ def class_counts(session: Session, job: Job, version: str | None) -> dict[str, i
 def flagged_count(session: Session, job: Job, version: str | None) -> int:
     """Return how many of the job's images are flagged for referral."""
     return int(session.scalar(
-        select(func.count()).select_from(Prediction).join(Image, Image.id == Prediction.image_id)
-        .where(Image.job_id == job.id, Prediction.model_version == version, Prediction.flagged.is_(True))
+        select(func.count()).select_from(Prediction).join(ImageRecord, ImageRecord.id == Prediction.image_id)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == version, Prediction.flagged.is_(True))
     ) or 0)
 
 
 def refused_files(session: Session, job: Job, limit: int = 200) -> list[tuple[str, str]]:
     """Return (file name, reason) of the job's files that could not be scored, in upload order."""
     return [(name, error or "could not be scored") for name, error in session.execute(
-        select(Image.filename, Image.error).where(Image.job_id == job.id, Image.status == "failed")
-        .order_by(Image.position).limit(limit)
+        select(ImageRecord.filename, ImageRecord.error)
+        .where(ImageRecord.job_id == job.id, ImageRecord.status == "failed")
+        .order_by(ImageRecord.position).limit(limit)
     ).all()]
 
 
-def prediction_for(session: Session, image: Image, version: str | None) -> Prediction | None:
+def prediction_for(session: Session, image: ImageRecord, version: str | None) -> Prediction | None:
     """Return an image's prediction under a model version."""
     if version is None:
         return None

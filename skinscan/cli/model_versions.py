@@ -113,7 +113,7 @@ def _clinic_id(settings: Settings, name_or_id: str | None) -> str | None:
     from sqlalchemy import or_, select
 
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
+    from skinscan.tables import Clinic
 
     with session_scope(settings) as session:
         clinic = session.scalars(select(Clinic).where(or_(Clinic.name == name_or_id, Clinic.id == name_or_id))).first()
@@ -149,7 +149,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         return 0
     while args.wait and not inline:
         with session_scope(settings) as session:
-            from skinscan.models import RescoreRun
+            from skinscan.tables import RescoreRun
 
             current = session.get(RescoreRun, run.id)
             assert current is not None
@@ -158,7 +158,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
             log.info("run %d: %d of %d images re-scored", current.id, current.done, current.total)
         time.sleep(5)
     with session_scope(settings) as session:
-        from skinscan.models import RescoreRun
+        from skinscan.tables import RescoreRun
 
         final = session.get(RescoreRun, run.id)
         assert final is not None

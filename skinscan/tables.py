@@ -114,7 +114,7 @@ class Job(Base):
         return 1.0 if self.total == 0 else round((self.scored + self.failed) / self.total, 4)
 
 
-class Image(Base):
+class ImageRecord(Base):
     """One uploaded file: where it is stored, its checksum, its status and why it failed, if it did."""
 
     __tablename__ = "images"

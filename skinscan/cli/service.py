@@ -46,7 +46,7 @@ def requeue_unfinished(settings: Settings) -> int:
     from sqlalchemy import select
 
     from skinscan.db import session_scope
-    from skinscan.models import Job
+    from skinscan.tables import Job
     from worker.dispatch import enqueue_job
 
     n = 0
@@ -176,8 +176,8 @@ def cmd_clinics_create(args: argparse.Namespace) -> int:
 
     from skinscan import audit
     from skinscan.db import session_scope
-    from skinscan.models import Clinic
     from skinscan.security import create_api_key
+    from skinscan.tables import Clinic
 
     settings = load_settings()
     _prepare_database(settings) if args.migrate else None
@@ -202,8 +202,8 @@ def cmd_users_create(args: argparse.Namespace) -> int:
 
     from skinscan import audit
     from skinscan.db import session_scope
-    from skinscan.models import Clinic, User
     from skinscan.security import hash_password
+    from skinscan.tables import Clinic, User
 
     if args.password is not None:
         raise SystemExit("--password is no longer accepted: a password on the command line is visible to every "
@@ -297,7 +297,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     u.add_argument("--password", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     u.set_defaults(func=cmd_users_create)
 
-    from skinscan.submit import add_arguments as submit_arguments
+    from skinscan.cli.submit import add_arguments as submit_arguments
 
     p = sub.add_parser("submit", help="upload a folder of images to a SkinScan server and save the results")
     submit_arguments(p)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -44,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from skinscan.cli_service import add_service_commands
+    from skinscan.cli.service import add_service_commands
 
     add_service_commands(sub)
 
-    from skinscan.cli_models import add_model_commands
+    from skinscan.cli.model_versions import add_model_commands
 
     add_model_commands(sub)
 
@@ -87,6 +86,3 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,9 @@ from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
 from skinscan import audit
 from skinscan.changes import change_rows, iter_changes_csv, latest_run
-from skinscan.models import RescoreRun
 from skinscan.registry import list_models, model_summary
 from skinscan.rescore_runs import list_runs, run_summary
+from skinscan.tables import RescoreRun
 from web.auth import require_api_key
 from web.context import db
 from web.errors import ApiError
