@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: real images, the bundle, the machine, process memory and CPU from /proc."""
+"""Shared pieces of the benchmarks: real images, the bundle, the machine, process memory and CPU (psutil)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 HAM_IMAGES = DATA / "HAM10000" / "images"
@@ -24,10 +27,6 @@ for _path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 log = logging.getLogger("benchmarks")
-
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
 
 class BenchmarkError(RuntimeError):
     """A benchmark that cannot run here (missing data, no GPU, a service that does not answer)."""
@@ -93,9 +92,6 @@ def machine_info() -> dict[str, Any]:
     flags = ""
     if cpuinfo.is_file():
         flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
-    mem_kb = 0
-    if Path("/proc/meminfo").is_file():
-        mem_kb = int(Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1])
     gpus = []
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -104,7 +100,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
         "cpu_avx512": "avx512f" in flags, "cpu_avx512_bf16": "avx512_bf16" in flags, "cpu_amx": "amx_bf16" in flags,
-        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
         "gpus": gpus,
         "cuda": torch.version.cuda if gpus else None,
         "load_average_at_start": list(os.getloadavg()),
@@ -118,65 +114,53 @@ def machine_info() -> dict[str, Any]:
 
 
 def tree_pids(root: int) -> list[int]:
-    """Return a process and all its descendants (from /proc/<pid>/task/*/children)."""
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        try:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return out
+    """Return a process and all its descendants."""
+    try:
+        return [root] + [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return [root]
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """Return VmRSS and VmHWM of a process in kB (empty when it is gone)."""
+_PROCESSES: dict[int, psutil.Process] = {}  # kept between samples: psutil reads a process's start once
+
+
+def _vm_hwm_kb(pid: int) -> int | None:
+    """The kernel's peak RSS of a process (VmHWM) in kB: psutil reports the current RSS, not this."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0])
-    return out
-
-
-def proc_pss_kb(pid: int) -> int:
-    """Return a process's proportional set size in kB (shared pages split between their users), 0 if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """Return user + system CPU seconds a process has used (None when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM:")), None)
+
+
+def sample_process(pid: int, pss: bool = False) -> dict[str, float] | None:
+    """One reading of a process: RSS and peak RSS in kB, user + system CPU seconds, and (pss=True) its
+    proportional set size in kB (shared pages split between their users); None when it is gone."""
+    try:
+        proc = _PROCESSES.get(pid) or _PROCESSES.setdefault(pid, psutil.Process(pid))
+        with proc.oneshot():
+            rss_kb = proc.memory_info().rss // 1024
+            times = proc.cpu_times()
+        out: dict[str, float] = {"rss_kb": rss_kb, "cpu_s": times.user + times.system}
+        if pss:
+            try:
+                out["pss_kb"] = proc.memory_full_info().pss // 1024
+            except psutil.AccessDenied:  # another user's process: its RSS still counts
+                out["pss_kb"] = 0
+    except psutil.Error:
+        _PROCESSES.pop(pid, None)
+        return None
+    out["hwm_kb"] = _vm_hwm_kb(pid) or rss_kb
+    return out
 
 
 def postgres_backends(database: str) -> list[int]:
     """Return the pids of PostgreSQL backends serving one database (their titles name it)."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if cmd.startswith(b"postgres: ") and f" {database} ".encode() in cmd:
-            pids.append(int(entry.name))
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("postgres: ") and f" {database} " in title:
+            pids.append(proc.pid)
     return pids
 
 
@@ -215,21 +199,19 @@ class ProcessMonitor:
     def _sample(self, first: bool = False) -> None:
         self._samples += 1
         for group, pids_of in self.groups.items():
-            total = 0
-            pids = list(pids_of())
-            if self.pss and self._samples % 10 == 1:
-                self.peak_pss_kb[group] = max(self.peak_pss_kb[group], sum(proc_pss_kb(p) for p in pids))
-            for pid in pids:
-                status = proc_status(pid)
-                if not status:
+            total = pss_total = 0
+            with_pss = self.pss and self._samples % 10 == 1
+            for pid in list(pids_of()):
+                reading = sample_process(pid, pss=with_pss)
+                if reading is None:
                     continue
-                total += status.get("VmRSS", 0)
-                self.hwm_kb[group][pid] = max(self.hwm_kb[group].get(pid, 0), status.get("VmHWM", 0))
-                cpu = proc_cpu_seconds(pid)
-                if cpu is not None:
-                    self._cpu_first[group].setdefault(pid, cpu if first else 0.0)
-                    self._cpu_last[group][pid] = cpu
+                total += int(reading["rss_kb"])
+                pss_total += int(reading.get("pss_kb", 0))
+                self.hwm_kb[group][pid] = max(self.hwm_kb[group].get(pid, 0), int(reading["hwm_kb"]))
+                self._cpu_first[group].setdefault(pid, reading["cpu_s"] if first else 0.0)
+                self._cpu_last[group][pid] = reading["cpu_s"]
             self.peak_sum_kb[group] = max(self.peak_sum_kb[group], total)
+            self.peak_pss_kb[group] = max(self.peak_pss_kb[group], pss_total)
 
     def cpu_seconds(self, group: str) -> float:
         """CPU seconds a group used while monitored (processes that ended count up to their last sample)."""
@@ -259,14 +241,8 @@ class Timer:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Return the q-th percentile (0..100) by linear interpolation."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    """Return the q-th percentile (0..100) by linear interpolation (NaN for no values)."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

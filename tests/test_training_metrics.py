@@ -13,7 +13,12 @@ import pytest
 
 from skinscan.labels import CLASSES
 from training.calibration import operating_points, referral_threshold
-from training.metrics import classification_report, expected_calibration_error, sensitivity_at_specificity
+from training.metrics import (
+    classification_report,
+    expected_calibration_error,
+    reliability_bins,
+    sensitivity_at_specificity,
+)
 from training.splits import KNOWN_DUPLICATES
 
 MEL, NV, BCC = CLASSES.index("mel"), CLASSES.index("nv"), CLASSES.index("bcc")
@@ -98,6 +103,12 @@ def test_expected_calibration_error_by_hand() -> None:
     assert expected_calibration_error(probs, y) == pytest.approx(0.26)
     assert expected_calibration_error(probs, y, n_bins=1) == pytest.approx(0.02)
     assert expected_calibration_error(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])) == 0.0
+    # The reliability diagram is the same binning: bin 10 (.667-.733) and bin 13 (.867-.933) of 15.
+    bins = reliability_bins(probs, y)
+    assert bins["center"] == pytest.approx([10.5 / 15, 13.5 / 15])
+    assert bins["confidence"] == pytest.approx([0.7, 0.9])
+    assert bins["accuracy"] == pytest.approx([1.0, 2 / 3])
+    assert bins["count"] == [2, 3]
 
 
 # Malignant against benign: four malignant, three benign.

@@ -12,7 +12,9 @@ from skinscan.labels import CLASSES
 from training.bundle import BundleError, referral_threshold
 from training.calibration import operating_points
 from training.colour import apply_colour_constancy, shades_of_gray
+from training.config import TrainConfig
 from training.partial_labels import allowed_classes, allowed_mask, partial_label_loss
+from training.train import make_scheduler
 
 
 def test_shades_of_gray_removes_a_colour_cast() -> None:
@@ -107,3 +109,58 @@ def test_referral_threshold_follows_the_setting() -> None:
 
 def test_a_bundle_without_operating_points_keeps_its_threshold() -> None:
     assert referral_threshold({"version": "old", "referral": {"malignancy_threshold": 0.16}}, 0.95) == 0.16
+
+
+def _head_and_backbone() -> torch.optim.Optimizer:
+    """AdamW over a head at the full rate and a backbone at 0.3 of it, as param_groups lays them out."""
+    head, backbone = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    return torch.optim.AdamW([{"params": [head], "lr": 1e-3, "lr_scale": 1.0},
+                              {"params": [backbone], "lr": 3e-4, "lr_scale": 0.3}])
+
+
+def _rates(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list:
+    out = []
+    for _ in range(steps):
+        out.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine() -> None:
+    # 8 steps an epoch, 3 epochs: warm-up over 0.5 epoch = 4 steps, then cosine over the other 20 steps to zero.
+    cfg = TrainConfig(data="d", out="o", lr=1e-3, epochs=3, warmup_epochs=0.5)
+    optimizer = _head_and_backbone()
+    rates = _rates(optimizer, make_scheduler(optimizer, cfg, 8), 25)
+    expected = {
+        0: 1e-3 / 4, 1: 2e-3 / 4, 3: 1e-3,  # warm-up: (step + 1) / 4 of the peak
+        4: 1e-3,  # cosine from the peak: 0.5 * (1 + cos(pi * (step - 4) / 20))
+        9: 1e-3 * 0.5 * (1 + math.sqrt(0.5)),  # a quarter of the way: cos(pi / 4)
+        14: 0.5e-3,  # halfway
+        19: 1e-3 * 0.5 * (1 - math.sqrt(0.5)),
+        24: 0.0,  # the end of the last epoch
+    }
+    for step, lr in expected.items():
+        assert rates[step][0] == pytest.approx(lr, abs=1e-12), step
+        assert rates[step][1] == pytest.approx(0.3 * lr, abs=1e-12), step  # the backbone keeps its share
+    assert max(r[0] for r in rates) == pytest.approx(1e-3)
+
+
+def test_a_resumed_schedule_follows_the_new_number_of_epochs() -> None:
+    # Two epochs done of a run now extended to four: step 16 of warm-up 4 + cosine over 28 steps.
+    cfg = TrainConfig(data="d", out="o", lr=1e-3, epochs=4, warmup_epochs=0.5)
+    optimizer = _head_and_backbone()
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-9  # what a checkpoint of the shorter run left: replaced by the new schedule's rate
+    resumed = make_scheduler(optimizer, cfg, 8, start_step=16)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 12 / 28)))
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.3 * optimizer.param_groups[0]["lr"])
+    fresh_optimizer = _head_and_backbone()
+    fresh = _rates(fresh_optimizer, make_scheduler(fresh_optimizer, cfg, 8), 33)
+    replayed = _rates(optimizer, resumed, 17)
+    assert np.allclose(replayed, fresh[16:], rtol=1e-9, atol=1e-15)
+    # No warm-up: cosine from the first step.
+    flat = TrainConfig(data="d", out="o", lr=1e-3, epochs=1, warmup_epochs=0)
+    optimizer = _head_and_backbone()
+    rates = _rates(optimizer, make_scheduler(optimizer, flat, 8), 9)
+    assert [r[0] for r in rates] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(9)])

@@ -182,22 +182,39 @@ def test_extra_training_sets_never_touch_held_out_images(
     assert written == split_of
 
 
-def test_every_config_field_is_an_option() -> None:
-    """One parser from the config: every TrainConfig field has a flag, and parsed flags rebuild the config."""
+def test_every_config_field_is_an_option_and_every_option_a_field() -> None:
+    """One parser from the config: every TrainConfig field has a flag of its type and default, every flag but
+    --resume is a field, and parsed flags rebuild the config."""
     import argparse
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
-    from training.config import add_arguments, config_from_args
+    from training.config import config_from_args
+    from training.train import get_args_parser
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = {a.dest for a in parser._actions}
-    assert {f.name for f in fields(TrainConfig)} <= flags
+    parser = get_args_parser()
+    options = {a.dest: a for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+    config_fields = {f.name: f for f in fields(TrainConfig)}
+    assert set(options) - {"resume"} == set(config_fields)  # no field without a flag, no flag without a field
+    for name, f in config_fields.items():
+        action = options[name]
+        assert action.option_strings == ["--" + name.replace("_", "-")], name
+        assert action.help, name
+        if f.default is MISSING and f.default_factory is MISSING:
+            assert action.required, name
+        elif f.default_factory is list:
+            assert isinstance(action, argparse._AppendAction) and action.default == [], name
+        else:
+            assert action.default == f.default, name
+            assert action.type is {"int": int, "float": float}.get(str(f.type), str), name
     args = parser.parse_args(["--data", "d", "--out", "o", "--epochs", "3", "--lr", "0.01", "--pretrained", "none",
                               "--extra-val", "a.csv", "--extra-val", "b.csv", "--ema-decay", "0"])
     cfg = config_from_args(args)
     assert (cfg.epochs, cfg.lr, cfg.pretrained, cfg.extra_val, cfg.ema_decay) == (3, 0.01, None, ["a.csv", "b.csv"], 0)
     assert cfg.resize_size == cfg.input_size == 160
+    defaults = config_from_args(parser.parse_args(["--data", "d", "--out", "o"]))
+    assert defaults == TrainConfig(data="d", out="o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "d", "--out", "o", "--colour-constancy", "retinex"])
 
 
 def test_scorer_uses_the_bundles_classes_and_the_chosen_operating_point(smoke_bundle: Path) -> None:

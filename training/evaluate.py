@@ -22,7 +22,7 @@ from skinscan.labels import MALIGNANT
 from training.bundle import METADATA_FILE, Bundle, load_bundle
 from training.calibration import flag_figures, softmax
 from training.datasets import Dataset, DatasetError, Sample, read_dataset
-from training.metrics import classification_report, expected_calibration_error
+from training.metrics import ECE_BINS, classification_report, expected_calibration_error, reliability_bins
 from training.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ SEX_KEYS = ("sex",)
 AGE_KEYS = ("age", "age_approximate", "age_approx")
 SITE_KEYS = ("localization", "anatom_site_general", "anatom_site_general_challenge")
 UNKNOWN_VALUES = frozenset({"", "unknown", "nan", "none", "na", "n/a"})
-ECE_BINS = 15
 
 
 def _first(meta: dict[str, str], keys: Sequence[str]) -> str | None:
@@ -140,23 +139,6 @@ def _tta_logits(predictor: Predictor, batch: np.ndarray, tta: bool) -> np.ndarra
         return predictor.predict_logits(batch)
     views = (batch, batch[:, :, :, ::-1], batch[:, :, ::-1, :], batch[:, :, ::-1, ::-1])
     return np.mean([predictor.predict_logits(np.ascontiguousarray(v)) for v in views], axis=0)
-
-
-def reliability_bins(probs: np.ndarray, y: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
-    """Return per-bin mean confidence, accuracy and count of the top-label prediction (equal-width bins)."""
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": [], "center": []}
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            out["center"].append(float((edges[b] + edges[b + 1]) / 2))
-            out["confidence"].append(float(confidence[mask].mean()))
-            out["accuracy"].append(float(correct[mask].mean()))
-            out["count"].append(int(mask.sum()))
-    return out
 
 
 def _save(fig: Figure, path: Path) -> None:

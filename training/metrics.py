@@ -17,19 +17,33 @@ from sklearn.metrics import (
 
 from skinscan.labels import CLASSES, MALIGNANT
 
+ECE_BINS = 15
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
-    """Return the top-label expected calibration error with equal-width confidence bins."""
+
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Return each non-empty equal-width confidence bin's centre, mean confidence, accuracy and count of the
+    top-label prediction: the reliability diagram, and the one binning behind the ECE."""
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
-    total = 0.0
+    out: dict[str, list[float]] = {"center": [], "confidence": [], "accuracy": [], "count": []}
     for b in range(n_bins):
         mask = bins == b
         if mask.any():
-            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total)
+            out["center"].append(float((edges[b] + edges[b + 1]) / 2))
+            out["confidence"].append(float(confidence[mask].mean()))
+            out["accuracy"].append(float(correct[mask].mean()))
+            out["count"].append(int(mask.sum()))
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Return the top-label expected calibration error with equal-width confidence bins."""
+    bins = reliability_bins(probs, y_true, n_bins)
+    count = np.asarray(bins["count"], dtype=np.float64)
+    gap = np.abs(np.asarray(bins["accuracy"]) - np.asarray(bins["confidence"]))
+    return float((count * gap).sum() / count.sum()) if count.size else 0.0
 
 
 def sensitivity_at_specificity(y_binary: np.ndarray, score: np.ndarray, specificity: float) -> float | None:

@@ -1,17 +1,21 @@
 """`skinscan train`: fine-tune a classifier with class-balanced sampling, partial labels, EMA and per-epoch
-checkpoints, choose it on validation, calibrate it, and write the bundle (laid out as torchvision's references)."""
+checkpoints, choose it on validation, calibrate it, and write the bundle.
+
+Laid out as torchvision's classification references: `train_one_epoch` and `evaluate` are called epoch by epoch
+from `train` (their `main`), and `get_args_parser` builds the one parser, an option per `TrainConfig` field.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import platform
 import random
 import shutil
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 import torchvision
 from sklearn.metrics import roc_auc_score
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -31,7 +36,8 @@ from training.metrics import classification_report
 from training.partial_labels import partial_label_loss
 from training.rundata import RunData, load_run_data
 
-__all__ = ["TrainConfig", "add_arguments", "run_from_args", "train"]
+__all__ = ["TrainConfig", "add_arguments", "evaluate", "get_args_parser", "run_from_args", "train",
+           "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +111,14 @@ def predict_logits(
     return np.concatenate(outs) if outs else np.zeros((0, len(CLASSES)), dtype=np.float32)
 
 
-def warmup_cosine(warmup_steps: float, total_steps: float) -> Any:
-    """Return the LambdaLR factor of a linear warm-up followed by cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LRScheduler:
+    """Per optimiser step: linear warm-up from lr / warmup_steps to lr over warmup_steps steps, then cosine decay
+    to zero at total_steps (torch's LinearLR then CosineAnnealingLR, as torchvision's references chain them)."""
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=0.0)
+    if warmup_steps <= 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(1, warmup_steps - 1))
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -137,175 +141,199 @@ def selection_score(report: dict[str, Any], extra: dict[str, float | None]) -> f
     return float(np.mean(figures))
 
 
-class Trainer:
-    """One run: the network, its EMA, optimiser, schedule and history, trained epoch by epoch."""
+@dataclass
+class TrainState:
+    """What training changes step by step: the network, its EMA, optimiser, schedule, scaler and history."""
 
-    def __init__(self, cfg: TrainConfig, run: Path, data: RunData, device: torch.device) -> None:
-        self.cfg, self.run, self.data, self.device = cfg, run, data, device
-        self.model = create_model(cfg.arch, len(CLASSES), cfg.pretrained).to(device,
-                                                                             memory_format=torch.channels_last)
-        self.ema = (torch.optim.swa_utils.AveragedModel(
-            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-            if cfg.ema_decay > 0 else None)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = max(1, len(data.train_idx) // cfg.batch_size)
-        self.schedule = warmup_cosine(cfg.warmup_epochs * self.steps_per_epoch, cfg.epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
-        self.amp = amp_dtype(device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.augment = train_transform(cfg.input_size)
-        self.loss_weights = torch.tensor(data.loss_weights, dtype=torch.float32, device=device)
-        self.masks = torch.from_numpy(data.masks)
-        self.start_epoch, self.best_score = 0, -1.0
-        self.history: list[dict[str, Any]] = []
+    model: torch.nn.Module
+    ema: torch.optim.swa_utils.AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    start_epoch: int = 0
+    best_score: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def checkpoint_path(self) -> Path:
-        """The last epoch's full training state."""
-        return self.run / "checkpoints" / "last.pt"
 
-    def resume(self) -> None:
-        """Continue from the run's last checkpoint, if there is one."""
-        if not self.checkpoint_path.exists():
-            return
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.best_score, self.history = state["epoch"] + 1, state["best_score"], state["history"]
-        # The schedule follows the (possibly changed) number of epochs from the step reached.
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.cfg.lr * group.get("lr_scale", 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, self.schedule, last_epoch=self.start_epoch * self.steps_per_epoch - 1)
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        log.info("resumed from epoch %d (best selection score %.4f)", self.start_epoch, self.best_score)
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, start_step: int = 0
+) -> LRScheduler:
+    """The run's schedule from each group's configured peak rate (lr * lr_scale), already at start_step: a resumed
+    run follows its (possibly changed) number of epochs from the step it reached."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    scheduler = warmup_cosine_scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch),
+                                        cfg.epochs * steps_per_epoch)
+    with warnings.catch_warnings():  # replaying steps: no optimiser step is due, so torch's warning is moot
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(start_step):
+            scheduler.step()
+    return scheduler
 
-    def train_one_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one epoch of class-balanced batches; return its loss and speed."""
-        cfg, data, device = self.cfg, self.data, self.device
-        self.model.train()
-        t0 = time.time()
-        rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-        order = rng.choice(data.train_idx, size=self.steps_per_epoch * cfg.batch_size, replace=True,
-                           p=data.sample_p)
-        total_loss = 0.0
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   mininterval=5)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            raw = torch.from_numpy(data.prepared.images[idx]).permute(0, 3, 1, 2)
-            x = torch.stack([self.augment(img) for img in raw])
-            x = x.pin_memory() if device.type == "cuda" else x
-            x = _normalize(x, data.mean, data.std).to(device, non_blocking=True)
-            y = torch.from_numpy(data.labels[idx]).to(device, non_blocking=True)
-            mask = self.masks[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.model(x)
-            loss = partial_label_loss(logits, mask, self.loss_weights[y], cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            total_loss += loss.item()
-            bar.set_postfix(loss=f"{total_loss / (step + 1):.3f}")
-        seconds = time.time() - t0
-        return {"epoch": epoch + 1, "train_loss": total_loss / self.steps_per_epoch, "seconds": seconds,
-                "images_per_second": self.steps_per_epoch * cfg.batch_size / seconds}
 
-    def evaluate(self, net: torch.nn.Module) -> tuple[dict[str, Any], dict[str, float | None], float]:
-        """Validation report, each extra validation set's melanoma AUC, and the selection score of a network."""
-        data = self.data
-        logits = predict_logits(net, data.val_images, data.mean, data.std, self.device)
-        report = classification_report(data.labels[data.val_idx], softmax(logits))
-        extra: dict[str, float | None] = {}
-        mel = CLASSES.index("mel")
-        for ev in data.extra_val:
-            probs = softmax(predict_logits(net, ev.images, data.mean, data.std, self.device))
-            extra[ev.name] = (float(roc_auc_score(ev.melanoma, probs[:, mel]))
-                              if 0 < ev.melanoma.sum() < len(ev.melanoma) else None)
-        return report, extra, selection_score(report, extra)
+def create_state(cfg: TrainConfig, data: RunData, device: torch.device) -> TrainState:
+    """Build the network (channels-last on the device), its EMA, AdamW, the schedule and the AMP gradient scaler."""
+    model = create_model(cfg.arch, len(CLASSES), cfg.pretrained).to(device, memory_format=torch.channels_last)
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay > 0 else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, len(data.train_idx) // cfg.batch_size)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    return TrainState(model, ema, optimizer, scheduler, scaler, steps)
 
-    def validate_epoch(self, entry: dict[str, Any]) -> None:
-        """Validate the raw and the EMA weights, add their figures to entry, and keep the best as best.pt."""
-        candidates = [("raw", self.model)] + ([("ema", self.ema.module)] if self.ema is not None else [])
-        for name, net in candidates:
-            report, extra, score = self.evaluate(net)
-            prefix = "val" if name == "raw" else "ema_val"
-            entry |= {
-                f"{prefix}_balanced_accuracy": report["balanced_accuracy"], f"{prefix}_accuracy": report["accuracy"],
-                f"{prefix}_macro_auc": report["macro_auc"], f"{prefix}_melanoma_auc": report["melanoma"]["auc"],
-                f"{prefix}_score": score,
-            } | {f"{prefix}_melanoma_auc[{k}]": v for k, v in extra.items()}
-            if score > self.best_score:
-                self.best_score = score
-                torch.save({"model": net.state_dict(), "epoch": entry["epoch"], "weights": name, "score": score},
-                           self.run / "checkpoints" / "best.pt")
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """Write the full training state atomically, so a killed run resumes from this epoch."""
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({
-            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best_score,
-            "history": self.history, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-        }, tmp)
-        tmp.replace(self.checkpoint_path)
+def load_checkpoint(state: TrainState, cfg: TrainConfig, path: Path) -> None:
+    """Continue from a run's last checkpoint: weights, EMA, optimiser, scaler, history and random state."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state.model.load_state_dict(saved["model"])
+    if state.ema is not None and saved.get("ema") is not None:
+        state.ema.load_state_dict(saved["ema"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.start_epoch, state.best_score, state.history = saved["epoch"] + 1, saved["best_score"], saved["history"]
+    state.scheduler = make_scheduler(state.optimizer, cfg, state.steps_per_epoch,
+                                     state.start_epoch * state.steps_per_epoch)
+    torch.set_rng_state(saved["torch_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    log.info("resumed from epoch %d (best selection score %.4f)", state.start_epoch, state.best_score)
 
-    def fit(self) -> None:
-        """Train the remaining epochs, validating and checkpointing after each."""
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            entry = self.train_one_epoch(epoch)
-            self.validate_epoch(entry)
-            self.history.append(entry)
-            log.info("epoch %s", json.dumps(entry))
-            with (self.run / "history.jsonl").open("a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-            self.save_checkpoint(epoch)
 
-    def finalize(self) -> Path:
-        """Load the chosen weights, calibrate, pick referral operating points, and write the bundle."""
-        cfg, data, device = self.cfg, self.data, self.device
-        best = torch.load(self.run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-        model = self.model
-        model.load_state_dict(best["model"])
-        model.to(device)
-        y_val = data.labels[data.val_idx]
-        logits = predict_logits(model, data.val_images, data.mean, data.std, device)
-        temperature = fit_temperature(logits, y_val)
-        before = classification_report(y_val, softmax(logits))
-        after = classification_report(y_val, softmax(logits, temperature))
-        probs = softmax(logits, temperature)
-        malignant = [CLASSES.index(c) for c in sorted(MALIGNANT)]
-        y_malignant = np.isin(y_val, malignant).astype(int)
-        score = probs[:, malignant].sum(1)
-        threshold = referral_threshold(y_malignant, score, cfg.referral_sensitivity)
-        _, extra_auc, _ = self.evaluate(model)
-        meta = bundle_metadata(self, best, temperature, threshold, operating_points(y_malignant, score),
-                               before, after, extra_auc, int(y_malignant.sum()))
-        bundle = save_bundle(model.cpu(), self.run / "bundle", meta)
-        shutil.copy(self.run / "splits.csv", bundle.path / "splits.csv")
-        log.info("bundle %s written to %s (val balanced accuracy %.4f, T=%.3f, referral threshold %.3f)",
-                 meta["version"], bundle.path, after["balanced_accuracy"], temperature, threshold)
-        return bundle.path
+def save_checkpoint(state: TrainState, path: Path, epoch: int) -> None:
+    """Write the full training state atomically, so a killed run resumes from this epoch."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": state.model.state_dict(), "ema": state.ema.state_dict() if state.ema is not None else None,
+        "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "epoch": epoch, "best_score": state.best_score,
+        "history": state.history, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+    }, tmp)
+    tmp.replace(path)
+
+
+def train_one_epoch(
+    state: TrainState, data: RunData, cfg: TrainConfig, epoch: int, device: torch.device
+) -> dict[str, Any]:
+    """Train one epoch of class-balanced, augmented batches (autocast and the gradient scaler on a GPU), stepping
+    the schedule and the EMA per batch; return the epoch's loss and speed."""
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    steps = state.steps_per_epoch
+    amp = amp_dtype(device)
+    augment = train_transform(cfg.input_size)
+    loss_weights = torch.tensor(data.loss_weights, dtype=torch.float32, device=device)
+    masks = torch.from_numpy(data.masks)
+    model.train()
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+    order = rng.choice(data.train_idx, size=steps * cfg.batch_size, replace=True, p=data.sample_p)
+    total_loss = 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        raw = torch.from_numpy(data.prepared.images[idx]).permute(0, 3, 1, 2)
+        x = torch.stack([augment(img) for img in raw])
+        x = x.pin_memory() if device.type == "cuda" else x
+        x = _normalize(x, data.mean, data.std).to(device, non_blocking=True)
+        y = torch.from_numpy(data.labels[idx]).to(device, non_blocking=True)
+        mask = masks[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x)
+        loss = partial_label_loss(logits, mask, loss_weights[y], cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(model)
+        total_loss += loss.item()
+        bar.set_postfix(loss=f"{total_loss / (step + 1):.3f}")
+    seconds = time.time() - t0
+    return {"epoch": epoch + 1, "train_loss": total_loss / steps, "seconds": seconds,
+            "images_per_second": steps * cfg.batch_size / seconds}
+
+
+@dataclass
+class Evaluation:
+    """A network's validation report, each extra validation set's melanoma AUC, and its selection score."""
+
+    report: dict[str, Any]
+    extra_auc: dict[str, float | None]
+    score: float
+
+
+def evaluate(net: torch.nn.Module, data: RunData, device: torch.device) -> Evaluation:
+    """Score a network on the validation split and on each extra validation set."""
+    logits = predict_logits(net, data.val_images, data.mean, data.std, device)
+    report = classification_report(data.labels[data.val_idx], softmax(logits))
+    extra: dict[str, float | None] = {}
+    mel = CLASSES.index("mel")
+    for ev in data.extra_val:
+        probs = softmax(predict_logits(net, ev.images, data.mean, data.std, device))
+        extra[ev.name] = (float(roc_auc_score(ev.melanoma, probs[:, mel]))
+                          if 0 < ev.melanoma.sum() < len(ev.melanoma) else None)
+    return Evaluation(report, extra, selection_score(report, extra))
+
+
+def validate(state: TrainState, data: RunData, device: torch.device, entry: dict[str, Any], best_path: Path) -> None:
+    """Evaluate the raw and the EMA weights, add their figures to entry, and keep the best so far at best_path."""
+    candidates = [("raw", state.model)] + ([("ema", state.ema.module)] if state.ema is not None else [])
+    for name, net in candidates:
+        ev = evaluate(net, data, device)
+        prefix = "val" if name == "raw" else "ema_val"
+        entry |= {
+            f"{prefix}_balanced_accuracy": ev.report["balanced_accuracy"], f"{prefix}_accuracy": ev.report["accuracy"],
+            f"{prefix}_macro_auc": ev.report["macro_auc"], f"{prefix}_melanoma_auc": ev.report["melanoma"]["auc"],
+            f"{prefix}_score": ev.score,
+        } | {f"{prefix}_melanoma_auc[{k}]": v for k, v in ev.extra_auc.items()}
+        if ev.score > state.best_score:
+            state.best_score = ev.score
+            torch.save({"model": net.state_dict(), "epoch": entry["epoch"], "weights": name, "score": ev.score},
+                       best_path)
+
+
+@dataclass
+class Calibration:
+    """What the chosen network's validation logits fix: temperature, referral threshold and operating points,
+    the reports before and after temperature scaling, and the extra validation sets' melanoma AUCs."""
+
+    temperature: float
+    threshold: float
+    points: list[dict[str, float | None]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    extra_auc: dict[str, float | None]
+    n_malignant: int
+
+
+def calibrate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device) -> Calibration:
+    """Fit the temperature on validation and choose the referral threshold at the configured sensitivity."""
+    y_val = data.labels[data.val_idx]
+    logits = predict_logits(model, data.val_images, data.mean, data.std, device)
+    temperature = fit_temperature(logits, y_val)
+    probs = softmax(logits, temperature)
+    malignant = [CLASSES.index(c) for c in sorted(MALIGNANT)]
+    y_malignant = np.isin(y_val, malignant).astype(int)
+    score = probs[:, malignant].sum(1)
+    return Calibration(
+        temperature=temperature, threshold=referral_threshold(y_malignant, score, cfg.referral_sensitivity),
+        points=operating_points(y_malignant, score), before=classification_report(y_val, softmax(logits)),
+        after=classification_report(y_val, probs), extra_auc=evaluate(model, data, device).extra_auc,
+        n_malignant=int(y_malignant.sum()),
+    )
 
 
 def bundle_metadata(
-    trainer: Trainer, best: dict[str, Any], temperature: float, threshold: float, points: list[dict[str, float]],
-    before: dict[str, Any], after: dict[str, Any], extra_auc: dict[str, float | None], n_malignant: int,
+    cfg: TrainConfig, data: RunData, best: dict[str, Any], cal: Calibration, history: list[dict[str, Any]],
+    device: torch.device,
 ) -> dict[str, Any]:
     """The bundle's metadata.json content: preprocessing, calibration, referral, data, training and validation."""
-    cfg, data = trainer.cfg, trainer.data
     dataset, prep = data.dataset, data.prepared
     created = datetime.now(UTC)
     splits = np.array(prep.splits)
+    after = cal.after
     return {
         "name": f"skinscan-{dataset.format}-{cfg.arch}",
         "version": cfg.version or f"{created:%Y%m%d}-{cfg.arch}-{cfg.input_size}px-s{cfg.seed}",
@@ -318,14 +346,14 @@ def bundle_metadata(
         "colour_constancy": {"method": cfg.colour_constancy, "power": 6.0},
         "mean": data.mean.flatten().tolist(),
         "std": data.std.flatten().tolist(),
-        "temperature": temperature,
+        "temperature": cal.temperature,
         "malignant_classes": sorted(MALIGNANT),
         "referral": {
-            "malignancy_threshold": threshold,
+            "malignancy_threshold": cal.threshold,
             "target_malignant_sensitivity": cfg.referral_sensitivity,
             "score": "sum of the malignant classes' calibrated probabilities",
-            "operating_points": points,
-            "chosen_on": f"{dataset.name} validation split ({len(data.val_idx)} images, {n_malignant} malignant)",
+            "operating_points": cal.points,
+            "chosen_on": f"{dataset.name} validation split ({len(data.val_idx)} images, {cal.n_malignant} malignant)",
             "uncertain_below": 0.5,
         },
         "training_data": {
@@ -345,27 +373,40 @@ def bundle_metadata(
         "training": {
             "best_epoch": best["epoch"], "best_weights": best.get("weights", "raw"), "epochs": cfg.epochs,
             "selection": "mean of main validation balanced accuracy and each extra validation set's melanoma AUC",
-            "config": asdict(cfg), "history": trainer.history,
+            "config": asdict(cfg), "history": history,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(),
-            "device": str(trainer.device),
+            "device": str(device),
         },
         "metrics": {
             "validation": {
                 k: after[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "malignant_auc")
             }
-            | {"melanoma_auc": after["melanoma"]["auc"], "ece_before_calibration": before["ece"],
+            | {"melanoma_auc": after["melanoma"]["auc"], "ece_before_calibration": cal.before["ece"],
                "ece": after["ece"]}
-            | {f"melanoma_auc[{k}]": v for k, v in extra_auc.items()},
+            | {f"melanoma_auc[{k}]": v for k, v in cal.extra_auc.items()},
         },
         "created_at": created.isoformat(),
     }
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train a model as configured, checkpointing every epoch, and write the calibrated bundle; return it."""
-    run = Path(cfg.out)
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+def write_bundle(state: TrainState, data: RunData, cfg: TrainConfig, run: Path, device: torch.device) -> Path:
+    """Load the chosen weights, calibrate them, and write the bundle (with the run's splits.csv); return it."""
+    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    model = state.model
+    model.load_state_dict(best["model"])
+    model.to(device)
+    cal = calibrate(model, data, cfg, device)
+    meta = bundle_metadata(cfg, data, best, cal, state.history, device)
+    bundle = save_bundle(model.cpu(), run / "bundle", meta)
+    shutil.copy(run / "splits.csv", bundle.path / "splits.csv")
+    log.info("bundle %s written to %s (val balanced accuracy %.4f, T=%.3f, referral threshold %.3f)",
+             meta["version"], bundle.path, cal.after["balanced_accuracy"], cal.temperature, cal.threshold)
+    return bundle.path
+
+
+def _run_config(cfg: TrainConfig, run: Path, resume: bool) -> TrainConfig:
+    """The configuration to run: a resumed run's args.json, with the few settings a resume may change."""
     args_file = run / "args.json"
     if resume and args_file.exists():
         saved = json.loads(args_file.read_text())
@@ -373,15 +414,40 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         saved.update({k: getattr(cfg, k) for k in RESUMABLE if k != "version" or cfg.version})
         cfg = TrainConfig(**saved)
     args_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return cfg
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train a model as configured, validating and checkpointing every epoch, and write the calibrated bundle."""
+    run = Path(cfg.out)
+    checkpoints = run / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    cfg = _run_config(cfg, run, resume)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    trainer = Trainer(cfg, run, load_run_data(cfg, run), device)
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    return trainer.finalize()
+    data = load_run_data(cfg, run)
+    state = create_state(cfg, data, device)
+    if resume and (checkpoints / "last.pt").exists():
+        load_checkpoint(state, cfg, checkpoints / "last.pt")
+    for epoch in range(state.start_epoch, cfg.epochs):
+        entry = train_one_epoch(state, data, cfg, epoch, device)
+        validate(state, data, device, entry, checkpoints / "best.pt")
+        state.history.append(entry)
+        log.info("epoch %s", json.dumps(entry))
+        with (run / "history.jsonl").open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        save_checkpoint(state, checkpoints / "last.pt", epoch)
+    return write_bundle(state, data, cfg, run, device)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The training parser: one option per TrainConfig field, and --resume."""
+    parser = argparse.ArgumentParser(description="Fine-tune a skin-lesion classifier and write its bundle.",
+                                     add_help=add_help)
+    add_arguments(parser)
+    return parser
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
@@ -393,3 +459,8 @@ def run_from_args(args: argparse.Namespace) -> Path:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_from_args(get_args_parser().parse_args())
