@@ -1,86 +1,104 @@
-"""Every setting SkinScan reads from the environment, in one place (see .env.example for the list)."""
+"""Every setting SkinScan reads from the environment, in one place (see .env.example for the list).
+
+`Settings` lists them once, typed, with their defaults and limits. Each field `x` is read from the environment
+variable `SKINSCAN_X` (or the name in ENV_NAMES) by a pydantic-settings model built from that list, so a setting
+is one line here. Every value is validated: a typo in a number or a boolean (`SKINSCAN_RESCORE_ENABLED=ture`)
+stops the process with one ConfigError naming every bad variable, instead of silently reading as a default or false.
+An empty variable counts as unset.
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_type_hints
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "dev-insecure-change-me"
 
 
 class ConfigError(RuntimeError):
-    """A setting that is missing or unsafe for the mode SkinScan runs in."""
+    """A setting that is missing, malformed or unsafe for the mode SkinScan runs in."""
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+def _resolved(path: Path) -> Path:
+    return path.expanduser().resolve()
 
 
-def _fraction(name: str) -> float | None:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number between 0 and 1, got {raw!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(f"{name} must be a number between 0 and 1, got {raw!r}")
-    return value
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+Count = Annotated[int, Field(ge=0)]  # 0 is meaningful (off, or automatic)
+Positive = Annotated[int, Field(ge=1)]
+ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+Backend = Annotated[Literal["auto", "onnx", "torch"], BeforeValidator(_lower)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+# Fields read from a variable other than SKINSCAN_<FIELD>.
+ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "s3_bucket": "S3_BUCKET",
+    "s3_endpoint_url": "S3_ENDPOINT_URL",
+    "secret_key": "SECRET_KEY",
+    "model_path": "SKINSCAN_MODEL",
+    "production": "SKINSCAN_ENV",
+}
+# Values never repeated in an error message.
+_SECRET_FIELDS = {"database_url", "redis_url", "secret_key"}
 
 
 @dataclass(frozen=True)
 class Settings:
     """SkinScan's configuration; embedded defaults unless production services are named."""
 
-    data_dir: Path
-    database_url: str
-    redis_url: str | None
-    s3_bucket: str | None
-    s3_endpoint_url: str | None
-    secret_key: str
-    model_path: Path | None
-    production: bool
-    chunk_size: int = 32
-    batch_size: int = 0  # 0: the best measured for the backend (training.predictor.BATCH_SIZES)
-    backend: str = "auto"
-    threads: int = 0
-    decode_workers: int = 0
-    worker_nice: int = 10
-    max_files: int = 10_000
-    max_file_bytes: int = 50 * 1024 * 1024
-    max_upload_bytes: int = 4 * 1024 * 1024 * 1024
-    max_zip_ratio: int = 200
-    rate_limit_per_minute: int = 600
-    signin_failures_per_account: int = 10  # failed sign-ins per window before 429 (0: no limit)
-    signin_failures_per_address: int = 20
-    signin_window_seconds: int = 900
+    data_dir: ResolvedPath = Path("skinscan-data")
+    database_url: str = ""  # "": the SQLite file skinscan.db in data_dir
+    redis_url: str | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    secret_key: str = DEFAULT_SECRET
+    model_path: UserPath | None = None
+    production: bool = False  # SKINSCAN_ENV=production (or development, the default)
+    chunk_size: Positive = 32
+    batch_size: Count = 0  # 0: the best measured for the backend (training.predictor.BATCH_SIZES)
+    backend: Backend = "auto"
+    threads: Count = 0
+    decode_workers: Count = 0
+    worker_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    max_files: Positive = 10_000
+    max_file_bytes: Positive = 50 * 1024 * 1024
+    max_upload_bytes: Positive = 4 * 1024 * 1024 * 1024
+    max_zip_ratio: Positive = 200
+    rate_limit_per_minute: Count = 600  # API requests per key (or address) per minute (0: no limit)
+    api_key_cache_seconds: Count = 10  # web: a key's clinic is remembered this long per process (0: every request)
+    signin_failures_per_account: Count = 10  # failed sign-ins per window before 429 (0: no limit)
+    signin_failures_per_address: Count = 20
+    signin_window_seconds: Positive = 900
     rescore_enabled: bool = True
-    rescore_hour: int = 2
-    rescore_minute: int = 0
-    requeue_after_seconds: int = 600
-    task_max_retries: int = 5
-    sweep_interval_seconds: int = 60
-    upload_timeout_seconds: int = 86_400
-    orphan_grace_seconds: int = 3600
-    visibility_timeout: int = 30
-    task_time_limit: int = 1800
-    log_level: str = "INFO"
-    referral_sensitivity: float | None = None  # None: the bundle's default operating point
+    rescore_hour: Annotated[int, Field(ge=0, le=23)] = 2
+    rescore_minute: Annotated[int, Field(ge=0, le=59)] = 0
+    requeue_after_seconds: Positive = 600
+    task_max_retries: Count = 5
+    sweep_interval_seconds: Positive = 60
+    upload_timeout_seconds: Positive = 86_400
+    orphan_grace_seconds: Count = 3600
+    visibility_timeout: Positive = 30
+    task_time_limit: Positive = 1800
+    log_level: LogLevel = "INFO"
+    referral_sensitivity: Fraction | None = None  # None: the bundle's default operating point
+    model_cache_dir: ResolvedPath | None = None  # None: <data_dir>/model-cache (see model_cache)
 
     @property
     def embedded(self) -> bool:
@@ -91,6 +109,11 @@ class Settings:
     def broker_url(self) -> str:
         """Celery broker: Redis in production, kombu's in-process memory transport embedded."""
         return self.redis_url or "memory://"
+
+    @property
+    def model_cache(self) -> Path:
+        """Folder of this machine's cache of model bundles fetched from object storage."""
+        return self.model_cache_dir or self.data_dir / "model-cache"
 
     @property
     def images_dir(self) -> Path:
@@ -115,49 +138,57 @@ class Settings:
             raise ConfigError("refusing to start in production (SKINSCAN_ENV=production): " + "; ".join(problems))
 
 
+def env_name(field: str) -> str:
+    """Return the environment variable a Settings field is read from."""
+    return ENV_NAMES.get(field, "SKINSCAN_" + field.upper())
+
+
+class _EnvironmentBase(BaseSettings):
+    """Reads the environment: names case-insensitive, an empty variable counts as unset, others ignored."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", case_sensitive=False, frozen=True)
+
+
+@cache
+def environment_model() -> type[BaseSettings]:
+    """The pydantic-settings model of Settings: the same fields, types, defaults and limits, read from env_name."""
+    hints = get_type_hints(Settings, include_extras=True)
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        kind, default = hints[field.name], field.default
+        if field.name == "production":  # SKINSCAN_ENV names a mode: a misspelt one must not mean "development"
+            kind, default = Annotated[Literal["production", "development"], BeforeValidator(_lower)], "development"
+        fields[field.name] = (kind, Field(default, validation_alias=env_name(field.name)))
+    return create_model("EnvironmentSettings", __base__=_EnvironmentBase, __module__=__name__, **fields)
+
+
+def _describe(error: Any) -> str:
+    """One bad variable: its name, what is wrong, and the value read (unless it may hold a secret)."""
+    loc = str(error["loc"][0]) if error.get("loc") else "?"
+    field = {env_name(f.name).lower(): f.name for f in dataclasses.fields(Settings)}.get(loc.lower())
+    got = "" if field in _SECRET_FIELDS else f" (got {error.get('input')!r})"
+    message = str(error["msg"])
+    return f"{env_name(field) if field else loc.upper()}: {message[:1].lower()}{message[1:]}{got}"
+
+
+def _database_url(raw: str, data_dir: Path) -> str:
+    """The SQLAlchemy URL: SQLite in data_dir when unset; postgres:// URLs get the psycopg 3 driver."""
+    if not raw:
+        return f"sqlite:///{data_dir / 'skinscan.db'}"
+    for scheme in ("postgres://", "postgresql://"):
+        if raw.startswith(scheme):
+            return "postgresql+psycopg://" + raw[len(scheme):]
+    return raw
+
+
 def load_settings() -> Settings:
-    """Read settings from the environment."""
-    data_dir = Path(os.environ.get("SKINSCAN_DATA_DIR") or "skinscan-data").expanduser().resolve()
-    database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'skinscan.db'}"
-    if database_url.startswith("postgres://"):
-        database_url = "postgresql+psycopg://" + database_url[len("postgres://"):]
-    elif database_url.startswith("postgresql://"):
-        database_url = "postgresql+psycopg://" + database_url[len("postgresql://"):]
-    model = os.environ.get("SKINSCAN_MODEL")
-    production = os.environ.get("SKINSCAN_ENV", "").lower() == "production"
-    return Settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        redis_url=os.environ.get("REDIS_URL") or None,
-        s3_bucket=os.environ.get("S3_BUCKET") or None,
-        s3_endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
-        secret_key=os.environ.get("SECRET_KEY") or DEFAULT_SECRET,
-        model_path=Path(model).expanduser() if model else None,
-        production=production,
-        chunk_size=_int("SKINSCAN_CHUNK_SIZE", 32),
-        batch_size=_int("SKINSCAN_BATCH_SIZE", 0),
-        backend=os.environ.get("SKINSCAN_BACKEND", "auto"),
-        threads=_int("SKINSCAN_THREADS", 0),
-        decode_workers=_int("SKINSCAN_DECODE_WORKERS", 0),
-        worker_nice=_int("SKINSCAN_WORKER_NICE", 10),
-        max_files=_int("SKINSCAN_MAX_FILES", 10_000),
-        max_file_bytes=_int("SKINSCAN_MAX_FILE_BYTES", 50 * 1024 * 1024),
-        max_upload_bytes=_int("SKINSCAN_MAX_UPLOAD_BYTES", 4 * 1024 * 1024 * 1024),
-        max_zip_ratio=_int("SKINSCAN_MAX_ZIP_RATIO", 200),
-        rate_limit_per_minute=_int("SKINSCAN_RATE_LIMIT_PER_MINUTE", 600),
-        signin_failures_per_account=_int("SKINSCAN_SIGNIN_FAILURES_PER_ACCOUNT", 10),
-        signin_failures_per_address=_int("SKINSCAN_SIGNIN_FAILURES_PER_ADDRESS", 20),
-        signin_window_seconds=_int("SKINSCAN_SIGNIN_WINDOW_SECONDS", 900),
-        rescore_enabled=_bool("SKINSCAN_RESCORE_ENABLED", True),
-        rescore_hour=_int("SKINSCAN_RESCORE_HOUR", 2),
-        rescore_minute=_int("SKINSCAN_RESCORE_MINUTE", 0),
-        requeue_after_seconds=_int("SKINSCAN_REQUEUE_AFTER_SECONDS", 600),
-        task_max_retries=_int("SKINSCAN_TASK_MAX_RETRIES", 5),
-        sweep_interval_seconds=_int("SKINSCAN_SWEEP_INTERVAL_SECONDS", 60),
-        upload_timeout_seconds=_int("SKINSCAN_UPLOAD_TIMEOUT_SECONDS", 86_400),
-        orphan_grace_seconds=_int("SKINSCAN_ORPHAN_GRACE_SECONDS", 3600),
-        visibility_timeout=_int("SKINSCAN_VISIBILITY_TIMEOUT", 30),
-        task_time_limit=_int("SKINSCAN_TASK_TIME_LIMIT", 1800),
-        log_level=os.environ.get("SKINSCAN_LOG_LEVEL", "INFO"),
-        referral_sensitivity=_fraction("SKINSCAN_REFERRAL_SENSITIVITY"),
-    )
+    """Read and validate settings from the environment; one ConfigError names every bad variable."""
+    try:
+        values = environment_model()().model_dump()
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{len(problems)} setting{'s are' if len(problems) > 1 else ' is'} not valid: "
+                          + "; ".join(problems)) from None
+    values["production"] = values["production"] == "production"
+    values["database_url"] = _database_url(values["database_url"], values["data_dir"])
+    return Settings(**values)

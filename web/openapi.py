@@ -1,174 +1,174 @@
-"""The OpenAPI 3.0 document of the JSON API (served at /api/v1/openapi.json)."""
+"""The OpenAPI 3.0 document of the JSON API (served at /api/v1/openapi.json), generated from the app's routes.
+
+Every rule of the app's url_map under /api/ (and the health checks) becomes an operation: its path with typed path
+parameters, its methods, the summary and description from the view's docstring, Bearer security when the view
+uses `web.auth.require_api_key`, 401/404/429 where those can answer, and what the view declares with `doc`
+(marshmallow schemas of its query, body and answer, its success status and its other error statuses). A new
+route therefore appears without editing this module; a route without `doc` is documented with a generic answer.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
+from marshmallow import Schema
+from werkzeug.routing import Rule
 
 from skinscan import __version__
-from skinscan.labels import CLASSES
+from web.api_schemas import ErrorSchema
 
-_ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+F = TypeVar("F", bound=Callable[..., Any])
+SchemaRef = type[Schema] | Schema
+HEALTH_PATHS = ("/healthz", "/readyz")
+_CONVERTERS: dict[str, dict[str, Any]] = {
+    "int": {"type": "integer", "minimum": 0},
+    "float": {"type": "number", "minimum": 0},
+    "uuid": {"type": "string", "format": "uuid"},
+    "path": {"type": "string"},
+}
+_ARGUMENT = re.compile(r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\([^>]*\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>")
 
 
-def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): _ERROR for c in codes}
+@dataclass(frozen=True)
+class Operation:
+    """What a view declares about itself for the document (everything else comes from its route)."""
+
+    response: SchemaRef | None = None
+    status: int = 200
+    description: str | None = None  # of the success answer
+    query: SchemaRef | None = None
+    form: SchemaRef | None = None  # a multipart/form-data body
+    form_required: bool = True
+    errors: tuple[int, ...] = ()
+    csv: bool = False  # the success answer may also be text/csv (?format=csv)
 
 
-def _job_path_param() -> dict[str, Any]:
-    return {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+def doc(response: SchemaRef | None = None, *, status: int = 200, description: str | None = None,
+        query: SchemaRef | None = None, form: SchemaRef | None = None, form_required: bool = True,
+        errors: Iterable[int] = (), csv: bool = False) -> Callable[[F], F]:
+    """Decorate a view with the schemas and statuses its operation answers (read by `spec`)."""
+
+    def mark(view: F) -> F:
+        declared = Operation(response, status, description, query, form, form_required, tuple(sorted(set(errors))),
+                             csv)
+        view.openapi = declared  # type: ignore[attr-defined]
+        return view
+
+    return mark
 
 
-def spec() -> dict[str, Any]:
-    """Return the OpenAPI document."""
-    from web import api_model_versions
+def _openapi_path(rule: Rule) -> tuple[str, list[dict[str, Any]]]:
+    """Rule '/jobs/<job_id>' -> ('/jobs/{job_id}', [its path parameter]), typed from the rule's converters."""
+    parameters = []
+    for match in _ARGUMENT.finditer(rule.rule):
+        schema = _CONVERTERS.get(match["converter"] or "default", {"type": "string"})
+        parameters.append({"name": match["name"], "in": "path", "required": True, "schema": dict(schema)})
+    return _ARGUMENT.sub(lambda m: "{" + m["name"] + "}", rule.rule), parameters
 
-    probs = {"type": "object", "properties": {c: {"type": "number"} for c in CLASSES}, "nullable": True}
-    upload_body = {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "description": "JPEG, PNG, BMP or TIFF images, or .zip archives of them"},
-                    "labels": {"type": "string", "format": "binary",
-                               "description": "optional ground truth: HAM10000 metadata CSV or ISIC CSV"},
-                    "finalize": {"type": "string", "enum": ["true", "false"],
-                                 "description": "false keeps the job open for more parts (POST .../images)"},
-                },
-                "required": ["files"],
-            }
-        }
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "SkinScan API", "version": __version__,
-            "description": "Batch scoring of dermoscopic images. Decision support only: not a medical device.",
-        },
-        "servers": [{"url": "/"}],
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error", "status"],
-                          "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
-                                         "details": {"type": "array", "items": {"type": "object"}}}},
-                "Job": {
-                    "type": "object",
-                    "required": ["id", "status", "counts", "progress"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "status": {"type": "string", "enum": ["uploading", "queued", "running", "done", "failed"]},
-                        "kind": {"type": "string"},
-                        "counts": {"type": "object", "properties": {
-                            "total": {"type": "integer"}, "scored": {"type": "integer"},
-                            "failed": {"type": "integer"}}},
-                        "progress": {"type": "number", "minimum": 0, "maximum": 1},
-                        "model_version": {"type": "string", "nullable": True},
-                        "created_at": {"type": "string", "nullable": True},
-                        "started_at": {"type": "string", "nullable": True},
-                        "finished_at": {"type": "string", "nullable": True},
-                        "has_labels": {"type": "boolean"},
-                        "error": {"type": "string", "nullable": True},
-                        "status_url": {"type": "string"},
-                    },
-                },
-                "Result": {
-                    "type": "object",
-                    "properties": {
-                        "image_id": {"type": "string"}, "filename": {"type": "string"},
-                        "status": {"type": "string", "enum": ["pending", "scored", "failed"]},
-                        "predicted_label": {"type": "string", "nullable": True},
-                        "probabilities": probs,
-                        "confidence": {"type": "number", "nullable": True},
-                        "malignancy_score": {"type": "number", "nullable": True},
-                        "flagged": {"type": "boolean", "nullable": True},
-                        "model_version": {"type": "string", "nullable": True},
-                        "true_label": {"type": "string", "nullable": True},
-                        "error": {"type": "string", "nullable": True},
-                    },
-                },
-            },
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/api/v1/jobs": {
-                "post": {
-                    "summary": "Submit a batch of images", "operationId": "createJob",
-                    "requestBody": {"required": True, "content": upload_body},
-                    "responses": {"202": {"description": "job created and queued", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                        **_errors(400, 401, 413, 415, 429, 503)},
-                },
-                "get": {
-                    "summary": "The clinic's jobs, newest first", "operationId": "listJobs",
-                    "parameters": [
-                        {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                        {"name": "per_page", "in": "query",
-                         "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-                    ],
-                    "responses": {"200": {"description": "a page of jobs", "content": {"application/json": {
-                        "schema": {"type": "object", "properties": {
-                            "page": {"type": "integer"}, "per_page": {"type": "integer"},
-                            "total": {"type": "integer"},
-                            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}}}}},
-                        **_errors(400, 401, 429)},
-                },
-            },
-            "/api/v1/jobs/{job_id}": {
-                "get": {
-                    "summary": "Job status and progress", "operationId": "getJob",
-                    "parameters": [_job_path_param()],
-                    "responses": {"200": {"description": "the job", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                        **_errors(401, 404, 429)},
-                }
-            },
-            "/api/v1/jobs/{job_id}/images": {
-                "post": {
-                    "summary": "Add a part of images to an uploading job", "operationId": "addImages",
-                    "parameters": [_job_path_param()],
-                    "requestBody": {"required": True, "content": upload_body},
-                    "responses": {"202": {"description": "images added"},
-                                  **_errors(400, 401, 404, 409, 413, 415, 429, 503)},
-                }
-            },
-            "/api/v1/jobs/{job_id}/start": {
-                "post": {
-                    "summary": "Queue an uploading job", "operationId": "startJob",
-                    "parameters": [_job_path_param()],
-                    "responses": {"202": {"description": "queued"}, **_errors(400, 401, 404, 409, 413, 429)},
-                }
-            },
-            "/api/v1/jobs/{job_id}/results": {
-                "get": {
-                    "summary": "Per-image results (JSON, or CSV with format=csv)", "operationId": "getResults",
-                    "parameters": [
-                        _job_path_param(),
-                        {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
-                        {"name": "limit", "in": "query",
-                         "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
-                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                        {"name": "history", "in": "query", "schema": {"type": "boolean"}},
-                    ],
-                    "responses": {"200": {"description": "results", "content": {
-                        "application/json": {"schema": {"type": "object", "properties": {
-                            "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}},
-                        "text/csv": {"schema": {"type": "string"}}}},
-                        **_errors(400, 401, 404, 429)},
-                }
-            },
-            "/api/v1/jobs/{job_id}/metrics": {
-                "get": {
-                    "summary": "Job metrics", "operationId": "getMetrics",
-                    "parameters": [_job_path_param()],
-                    "responses": {"200": {"description": "metrics", "content": {
-                        "application/json": {"schema": {"type": "object"}}}}, **_errors(401, 404, 409, 429)},
-                }
-            },
-            **api_model_versions.openapi_paths(),
-            "/healthz": {"get": {"summary": "Liveness", "security": [], "operationId": "healthz",
-                                 "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Readiness", "security": [], "operationId": "readyz",
-                                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-        },
-    }
+
+def _docstring(view: Callable[..., Any]) -> tuple[str, str | None]:
+    lines = (view.__doc__ or "").strip().splitlines()
+    summary = lines[0].strip() if lines else view.__name__.replace("_", " ")
+    rest = " ".join(line.strip() for line in lines[1:]).strip()
+    return summary, rest or None
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ErrorSchema}}}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "bad request (the message says which input)", 401: "missing or invalid API key",
+    404: "not found (also another clinic's object)", 409: "conflicts with the object's state",
+    413: "upload too large (the message names the limit)", 415: "unsupported file type",
+    429: "rate limit exceeded (Retry-After says when to retry)", 503: "a service is unavailable; retry later",
+}
+
+
+def _operation(view: Callable[..., Any], rule: Rule, method: str, has_path_parameters: bool) -> dict[str, Any]:
+    declared: Operation | None = getattr(view, "openapi", None)
+    secured = bool(getattr(view, "requires_api_key", False))
+    summary, description = _docstring(view)
+    operation: dict[str, Any] = {"summary": summary, "tags": [rule.endpoint.split(".")[0]],
+                                 "security": [{"bearer": []}] if secured else []}
+    if description:
+        operation["description"] = description
+    errors = set(declared.errors if declared else ())
+    if secured:
+        errors.add(401)
+    if has_path_parameters:
+        errors.add(404)
+    if rule.rule.startswith("/api/"):
+        errors.add(429)
+    responses: dict[str, Any] = {}
+    if declared is None:  # nothing declared: any answer, documented by the summary
+        responses["default"] = {"description": "see the summary (this route declares no schema)"}
+    else:
+        content: dict[str, Any] = {}
+        if declared.response is not None:
+            content["application/json"] = {"schema": declared.response}
+        if declared.csv:
+            content["text/csv"] = {"schema": {"type": "string"}}
+        ok: dict[str, Any] = {"description": declared.description or summary}
+        if content:
+            ok["content"] = content
+        responses[str(declared.status)] = ok
+        if declared.query is not None:
+            operation["parameters"] = [{"in": "query", "schema": declared.query}]
+        if declared.form is not None and method in ("POST", "PUT", "PATCH"):
+            operation["requestBody"] = {"required": declared.form_required,
+                                        "content": {"multipart/form-data": {"schema": declared.form}}}
+    for code in sorted(errors):
+        responses[str(code)] = _error(ERROR_DESCRIPTIONS.get(code, "error"))
+    operation["responses"] = responses
+    return operation
+
+
+def documented_rules(app: Flask) -> list[Rule]:
+    """The rules the document covers: every rule under /api/ and the health checks."""
+    return [rule for rule in app.url_map.iter_rules()
+            if rule.rule.startswith("/api/") or rule.rule in HEALTH_PATHS]
+
+
+def build(app: Flask) -> dict[str, Any]:
+    """Generate the OpenAPI document from the app's url_map and the views' declarations."""
+    spec = APISpec(
+        title="SkinScan API", version=__version__, openapi_version="3.0.3", plugins=[MarshmallowPlugin()],
+        info={"description": "Batch scoring of dermoscopic images. Decision support only: not a medical device."},
+        servers=[{"url": "/"}],
+    )
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.schema("Error", schema=ErrorSchema)
+    operation_ids: set[str] = set()
+    paths: dict[str, dict[str, Any]] = {}
+    path_parameters: dict[str, list[dict[str, Any]]] = {}
+    for rule in sorted(documented_rules(app), key=lambda r: r.rule):
+        view = app.view_functions[rule.endpoint]
+        path, parameters = _openapi_path(rule)
+        path_parameters[path] = parameters
+        methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})
+        for method in methods:
+            operation = _operation(view, rule, method, bool(parameters))
+            operation_id = rule.endpoint if len(methods) == 1 else f"{rule.endpoint}.{method.lower()}"
+            while operation_id in operation_ids:
+                operation_id += "_"
+            operation_ids.add(operation_id)
+            operation["operationId"] = operation_id
+            paths.setdefault(path, {})[method.lower()] = operation
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations, parameters=path_parameters[path] or None)
+    return spec.to_dict()
+
+
+def spec(app: Flask) -> dict[str, Any]:
+    """Return the app's OpenAPI document (built once per app)."""
+    document = app.extensions.get("skinscan.openapi")
+    if document is None:
+        document = app.extensions["skinscan.openapi"] = build(app)
+    return document  # type: ignore[no-any-return]

@@ -203,8 +203,9 @@ def test_rate_limit_is_shared_through_redis(stack) -> None:  # type: ignore[no-u
     assert bad[:5] == [401] * 5 and bad[5:] == [429, 429]
 
 
-def test_rate_limit_embedded_is_in_process_and_fails_open(stack) -> None:  # type: ignore[no-untyped-def]
-    """Without Redis each app counts in memory; if Redis is unreachable requests are served, not refused."""
+def test_rate_limit_embedded_is_in_process_and_holds_without_redis(stack) -> None:  # type: ignore[no-untyped-def]
+    """Without Redis each app counts in memory; if Redis is unreachable the app counts in memory too (served up
+    to the limit, then refused: neither locked out nor unlimited)."""
     settings = replace(stack.settings(), redis_url=None, rate_limit_per_minute=3)
     a = make_client(settings)
     second = _app_client(settings, a.key)
@@ -213,7 +214,7 @@ def test_rate_limit_embedded_is_in_process_and_fails_open(stack) -> None:  # typ
     assert second.get("/api/v1/jobs").status_code == 200  # another process has its own counters
     unreachable = replace(stack.settings(), redis_url="redis://127.0.0.1:1/0", rate_limit_per_minute=1)
     down = _app_client(unreachable, a.key)
-    assert [down.get("/api/v1/jobs").status_code for _ in range(3)] == [200] * 3
+    assert [down.get("/api/v1/jobs").status_code for _ in range(3)] == [200, 429, 429]
     off = _app_client(replace(settings, rate_limit_per_minute=0), a.key)
     assert all(off.get("/api/v1/jobs").status_code == 200 for _ in range(5))
 
@@ -253,7 +254,7 @@ def test_no_file_names_in_logs(stack, ham_images, caplog) -> None:  # type: igno
     assert resp.status_code == 202, resp.get_json()
     job_id = resp.get_json()["id"]
     job = client.wait(job_id, timeout=600)
-    assert job["counts"] == {"total": 4, "scored": 2, "failed": 2}
+    assert job["counts"] == {"total": 3, "scored": 2, "failed": 1, "refused": 1}
     client.get(f"/api/v1/jobs/{job_id}/results")
     client.get(f"/api/v1/jobs/{job_id}/results?format=csv").get_data()
     client.get(f"/api/v1/jobs/{job_id}/metrics")

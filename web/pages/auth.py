@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import abort, flash, g, make_response, redirect, render_template, request, session, url_for
+from flask import Response, abort, flash, g, make_response, redirect, render_template, request, session, url_for
 from sqlalchemy import select
 
 from skinscan import audit
@@ -17,7 +17,6 @@ from skinscan.tables import User
 from web.context import db
 from web.errors import wants_json
 from web.pages.common import page_blueprint, safe_next
-from web.ratelimit import signin_throttle
 
 log = logging.getLogger(__name__)
 bp = page_blueprint("auth")
@@ -80,14 +79,11 @@ def signin():  # type: ignore[no-untyped-def]
     email = request.form.get("email", "").strip().lower()[:320]
     password = request.form.get("password", "")
     address = request.remote_addr or "unknown"
-    throttle = signin_throttle()
-    wait = throttle.retry_after(email, address)
-    if wait:
-        return _throttled(target, email, wait)
+    # Failed attempts (401) are counted per account and per address by web.ratelimit, which answers
+    # signin_refused() before this view runs once either limit is reached.
     user = db().scalars(select(User).where(User.email == email)).first() if email else None
     if not verify_password(user, password):
         log.warning("failed sign-in for %r from %s", email, address)
-        throttle.failed(email, address)
         flash("Email or password is not right.", "error")
         return render_template("signin.html", next=target, email=email), 401
     assert user is not None
@@ -100,8 +96,10 @@ def signin():  # type: ignore[no-untyped-def]
     return redirect(target)
 
 
-def _throttled(target: str, email: str, wait: int):  # type: ignore[no-untyped-def]
+def signin_refused(wait: int) -> Response:
     """Answer a sign-in refused for too many failures: 429 with Retry-After and when to try again."""
+    target = safe_next(request.values.get("next"), url_for("jobs.index"))
+    email = request.form.get("email", "").strip().lower()[:320]
     log.warning("sign-in throttled for %r from %s (%d s left)", email, request.remote_addr, wait)
     minutes = (wait + 59) // 60
     flash(f"Too many failed sign-ins for this account or from this address. For your security, sign-in is "

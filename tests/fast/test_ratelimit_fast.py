@@ -1,0 +1,125 @@
+"""Rate limits on the embedded defaults (Flask-Limiter, in-memory storage): moving windows for sign-in, the API's
+429 in its JSON error format, every /api/ route limited, and no database query added by the limiter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import limits.storage.memory
+import pytest
+from flask import Flask
+from realservices import Api
+from sqlalchemy import event
+from test_pages_fast import make_user, sign_in
+
+import web.ratelimit
+from skinscan.db import get_engine
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A settable clock for the in-memory counters and Retry-After (value [0], seconds since the epoch)."""
+    now = [1_000_000.0]
+    fake = SimpleNamespace(time=lambda: now[0])
+    monkeypatch.setattr(limits.storage.memory, "time", fake)
+    monkeypatch.setattr(web.ratelimit, "time", fake)
+    return now
+
+
+def test_signin_window_moves(settings: Any, clock: list[float]) -> None:
+    """Failures just before a window's edge still count just after it: no span of one window admits more than the
+    limit, and Retry-After says when the oldest failure leaves the window."""
+    from web import create_app
+
+    app = create_app(replace(settings, signin_failures_per_account=3, signin_failures_per_address=100,
+                             signin_window_seconds=100), {"TESTING": True})
+    _c, _k, email = make_user(settings)
+    client = app.test_client()
+    assert [sign_in(client, email, "wrong").status_code for _ in range(3)] == [401] * 3
+    clock[0] += 60
+    refused = sign_in(client, email)
+    assert refused.status_code == 429 and 40 <= int(refused.headers["Retry-After"]) <= 41
+    assert "Too many failed sign-ins" in refused.text
+    clock[0] += 39  # 99 s after the first failure: still inside its window
+    assert sign_in(client, email).status_code == 429
+    clock[0] += 2
+    assert sign_in(client, email).status_code == 302  # the right password, once the failures have left the window
+
+
+def test_signin_counts_only_failures_and_per_address(settings: Any, clock: list[float]) -> None:
+    """Successful sign-ins are not counted; an address reaching its limit is refused for every account."""
+    from web import create_app
+
+    app = create_app(replace(settings, signin_failures_per_account=100, signin_failures_per_address=2),
+                     {"TESTING": True})
+    _c, _k, alice = make_user(settings)
+    _c2, _k2, bob = make_user(settings)
+    assert all(sign_in(app.test_client(), alice).status_code == 302 for _ in range(4))
+    attacker = app.test_client()
+    assert [sign_in(attacker, alice, "x").status_code, sign_in(attacker, bob, "y").status_code] == [401, 401]
+    assert sign_in(attacker, bob).status_code == 429
+    elsewhere = app.test_client()
+    elsewhere.environ_base["REMOTE_ADDR"] = "198.51.100.4"
+    assert sign_in(elsewhere, bob).status_code == 302
+
+
+def test_api_429_is_the_api_error_format(settings: Any, new_api: Callable[[], Api], clock: list[float]) -> None:
+    """The refusal is JSON {"error", "status"} with Retry-After and the limit; the key may go on a minute after
+    its first request."""
+    from web import create_app
+
+    client = create_app(replace(settings, rate_limit_per_minute=2), {"TESTING": True}).test_client()
+    key = new_api().key
+    api = Api(client, key, "")
+    assert [api.get("/api/v1/jobs").status_code for _ in range(2)] == [200, 200]
+    clock[0] += 30
+    refused = api.get("/api/v1/jobs")
+    assert refused.status_code == 429 and refused.is_json
+    body = refused.get_json()
+    assert body["status"] == 429 and body["error"].startswith("rate limit exceeded: at most 2 API requests")
+    assert 30 <= int(refused.headers["Retry-After"]) <= 31 and refused.headers["X-RateLimit-Limit"] == "2"
+    assert refused.headers["X-Content-Type-Options"] == "nosniff"
+    clock[0] += 31
+    assert api.get("/api/v1/jobs").status_code == 200
+
+
+def test_every_api_route_shares_the_key_limit(settings: Any, new_api: Callable[[], Api], clock: list[float]) -> None:
+    """One limit per key over the whole API, whichever routes it calls (also the unauthenticated document);
+    pages are not counted."""
+    from web import create_app
+
+    app = create_app(replace(settings, rate_limit_per_minute=3), {"TESTING": True})
+    api = Api(app.test_client(), new_api().key, "")
+    codes = [api.get(path).status_code for path in ("/api/v1/jobs", "/api/v1/models", "/api/v1/openapi.json",
+                                                     "/api/v1/rescore-runs")]
+    assert codes == [200, 200, 200, 429]
+    assert api.client.get("/signin").status_code == 200 and api.client.get("/healthz").status_code == 200
+
+
+def _statements(app: Flask, settings: Any, headers: dict[str, str]) -> int:
+    seen: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    engine = get_engine(settings)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert app.test_client().get("/api/v1/jobs", headers=headers).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return len(seen)
+
+
+def test_limiter_adds_no_database_query(settings: Any, new_api: Callable[[], Api]) -> None:
+    """The key is looked up once per request, for the limit and the view together."""
+    from web import create_app
+
+    headers = new_api().headers()
+    uncached = replace(settings, api_key_cache_seconds=0)  # every request looks its key up
+    limited = create_app(replace(uncached, rate_limit_per_minute=1000), {"TESTING": True})
+    unlimited = create_app(replace(uncached, rate_limit_per_minute=0), {"TESTING": True})
+    assert _statements(limited, settings, headers) == _statements(unlimited, settings, headers)
