@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.bundle_store import BundleRef, BundleStoreError, StoredBundle, local_bundle, upload_bundle
 from skinscan.labels import CLASSES
-from skinscan.settings import Settings
+from skinscan.settings import Settings, load_settings
+from skinscan.storage import get_storage
 from skinscan.tables import AuditEvent, ModelVersion, utcnow
 
 if TYPE_CHECKING:
@@ -43,7 +45,16 @@ def production_model(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.status == "production")).first()
 
 
-def _add_version(session: Session, path: Path) -> ModelVersion:
+def _store(path: Path, version: str, settings: Settings | None) -> StoredBundle:
+    """Upload a bundle folder to object storage (keyed by version and checksum); RegistryError when it cannot be."""
+    try:
+        return upload_bundle(get_storage(settings or load_settings()), path, version)
+    except BundleStoreError as exc:
+        raise RegistryError(f"bundle {path} cannot be stored: {exc}") from None
+
+
+def _add_version(session: Session, path: Path, stored: StoredBundle) -> ModelVersion:
+    """Insert the row of a stored bundle (or fill in the storage of a row registered before bundles were stored)."""
     from training.bundle import load_bundle
 
     bundle = load_bundle(path)
@@ -52,32 +63,117 @@ def _add_version(session: Session, path: Path) -> ModelVersion:
         row = ModelVersion(
             version=bundle.version, architecture=bundle.meta["architecture"], path=str(path.resolve()),
             checksum=bundle.meta["checksums"].get("weights.pt", ""), meta=bundle.meta, status="registered",
+            storage_prefix=stored.prefix, bundle_checksum=stored.checksum,
         )
         session.add(row)
-        session.flush()
+    elif row.storage_prefix is None:
+        row.storage_prefix, row.bundle_checksum = stored.prefix, stored.checksum
+        log.info("model %s (registered before bundles were stored) now stored under %s", row.version, stored.prefix)
+    session.flush()
     return row
 
 
+def _serialise(session: Session) -> None:
+    """Hold the registry lock until the transaction ends: PostgreSQL advisory lock; SQLite's write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_REGISTRY_LOCK)))
+    else:  # a write statement takes SQLite's database write lock, held until commit
+        session.execute(update(ModelVersion).where(ModelVersion.version == "").values(status=ModelVersion.status))
+
+
+_LOCAL_NOTED: set[Any] = set()  # versions (and ("legacy", version)) this process has looked at
+
+
+def _note_local_bundle(current: ModelVersion, settings: Settings) -> None:
+    """Log, once per process, when this machine's configured bundle is not the registered production model."""
+    from training.bundle import BundleError, load_bundle
+
+    if current.version in _LOCAL_NOTED:
+        return
+    _LOCAL_NOTED.add(current.version)
+    try:
+        local = load_bundle(configured_bundle_path(settings), verify=False).version
+    except BundleError:
+        local = None
+    if local != current.version:
+        log.info("model %s is in production (registered); this machine's configured bundle %s is not used "
+                 "(register and promote it with `skinscan models` to serve it)", current.version, local)
+
+
+def _store_legacy(session: Session, row: ModelVersion, settings: Settings) -> None:
+    """Once per process: upload the bundle of a production row registered before bundles were stored, when this
+    machine's configured bundle is that very version (same weights), and record where it lies."""
+    from training.bundle import BundleError, load_bundle
+
+    if ("legacy", row.version) in _LOCAL_NOTED:
+        return
+    _LOCAL_NOTED.add(("legacy", row.version))
+    try:
+        path = configured_bundle_path(settings).resolve()
+        bundle = load_bundle(path, verify=True)
+    except BundleError:
+        return
+    if bundle.version != row.version or bundle.meta["checksums"].get("weights.pt") != row.checksum:
+        log.warning("model %s was registered before bundles were stored in object storage and is loaded from %s; "
+                    "run `skinscan models register` on its bundle folder to store it", row.version, row.path)
+        return
+    stored = _store(path, bundle.version, settings)
+    _add_version(session, path, stored)
+
+
 def ensure_production_model(session: Session, settings: Settings) -> ModelVersion:
-    """Return the production model, registering and promoting the configured bundle if none is yet."""
+    """Return the production model; on the very first start, store, register and promote the configured bundle.
+
+    Deterministic under concurrent starts: the check and the promotion run under the registry lock, so exactly one
+    process puts its configured bundle in production and every other one uses that (and says so). Once a model
+    is in production it stays until an explicit `skinscan models promote` or `rollback`.
+    """
+    from training.bundle import BundleError, load_bundle
+
     current = production_model(session)
     if current is not None:
+        _note_local_bundle(current, settings)
+        if current.storage_prefix is None:
+            _store_legacy(session, current, settings)
         return current
-    path = configured_bundle_path(settings)
-    row = _add_version(session, path)
+    path = configured_bundle_path(settings).resolve()
+    try:
+        bundle = load_bundle(path, verify=True)
+    except BundleError as exc:
+        raise RegistryError(f"no model is in production and the configured bundle is not usable: {exc}") from None
+    stored = _store(path, bundle.version, settings)  # idempotent: content-addressed keys, outside the lock
+    _serialise(session)
+    current = production_model(session)
+    if current is not None:  # another process put its bundle in production while this one uploaded
+        log.info("model %s was put in production by another process; using it", current.version)
+        _note_local_bundle(current, settings)
+        return current
+    known = session.get(ModelVersion, bundle.version)
+    if known is not None and known.checksum != bundle.meta["checksums"].get("weights.pt", ""):
+        raise RegistryError(f"version {bundle.version} is registered already with other weights; "
+                            "promote a registered version with `skinscan models promote`")
+    row = _add_version(session, path, stored)
     row.status, row.promoted_at = "production", utcnow()
+    session.flush()
     audit.record(session, "model.promote", "system", target_type="model", target_id=row.version,
-                 details={"reason": "first start: configured bundle", "path": str(path)})
+                 details={"reason": "first start: configured bundle", "path": str(path),
+                          "bundle_checksum": stored.checksum})
+    _LOCAL_NOTED.add(row.version)
     log.info("model %s put in production (first start)", row.version)
     return row
 
 
-def bundle_path_for(session: Session, version: str) -> Path:
-    """Return the bundle folder of a registered model version."""
+def bundle_ref(session: Session, version: str) -> BundleRef:
+    """Return where a registered model version's bundle is (storage prefix and checksum, or a legacy path)."""
     row = session.get(ModelVersion, version)
     if row is None:
         raise RegistryError(f"model version {version!r} is not registered")
-    return Path(row.path)
+    return BundleRef(row.version, row.storage_prefix, row.bundle_checksum, row.path)
+
+
+def bundle_path_for(session: Session, version: str, settings: Settings | None = None) -> Path:
+    """Return a local, verified folder of a registered version's bundle (fetched into this machine's cache)."""
+    return local_bundle(bundle_ref(session, version), settings or load_settings())
 
 
 def _synthetic_image() -> bytes:
@@ -146,22 +242,31 @@ def check_bundle(path: Path, image: bytes | None = None, backend: str = "auto") 
 
 
 def register_bundle(session: Session, path: Path, actor: str, image: bytes | None = None,
-                    backend: str = "auto") -> ModelVersion:
-    """Check a bundle and register it (never promotes it); registering the same bundle again is a no-op."""
+                    backend: str = "auto", settings: Settings | None = None) -> ModelVersion:
+    """Check a bundle, upload it to object storage and register it (never promotes it).
+
+    Registering the same bundle again is a no-op; for a version registered before bundles were stored, it
+    uploads the bundle and records where (the upgrade path of such rows).
+    """
     path = Path(path).expanduser().resolve()
     bundle = check_bundle(path, image, backend)
     checksum = bundle.meta["checksums"]["weights.pt"]
     row = session.get(ModelVersion, bundle.version)
-    if row is not None:
-        if row.checksum != checksum:
-            raise RegistryError(f"version {bundle.version} is registered already with other weights; "
-                                "give the new bundle its own version")
-        log.info("model %s is registered already (%s)", row.version, row.path)
+    if row is not None and row.checksum != checksum:
+        raise RegistryError(f"version {bundle.version} is registered already with other weights; "
+                            "give the new bundle its own version")
+    if row is not None and row.storage_prefix is not None:
+        log.info("model %s is registered already (stored under %s)", row.version, row.storage_prefix)
         return row
-    row = _add_version(session, path)
-    audit.record(session, "model.register", actor, target_type="model", target_id=row.version,
-                 details={"path": str(path), "checksum": checksum, "architecture": row.architecture})
-    log.info("model %s registered from %s (status %s)", row.version, path, row.status)
+    stored = _store(path, bundle.version, settings)
+    legacy = row is not None
+    row = _add_version(session, path, stored)
+    audit.record(session, "model.store" if legacy else "model.register", actor, target_type="model",
+                 target_id=row.version, details={"path": str(path), "checksum": checksum,
+                                                 "architecture": row.architecture, "storage_prefix": stored.prefix,
+                                                 "bundle_checksum": stored.checksum})
+    log.info("model %s registered from %s, stored under %s (status %s)", row.version, path, stored.prefix,
+             row.status)
     return row
 
 
@@ -173,7 +278,8 @@ def model_summary(m: ModelVersion) -> dict[str, Any]:
     meta = m.meta or {}
     return {
         "version": m.version, "status": m.status, "in_production": m.status == "production",
-        "architecture": m.architecture, "checksum": m.checksum, "classes": meta.get("classes"),
+        "architecture": m.architecture, "checksum": m.checksum, "bundle_checksum": m.bundle_checksum,
+        "stored": m.storage_prefix is not None, "classes": meta.get("classes"),
         "input_size": meta.get("input_size"), "referral": meta.get("referral"),
         "registered_at": ts(m.registered_at), "promoted_at": ts(m.promoted_at),
     }
@@ -228,16 +334,19 @@ def _lock_production(session: Session) -> ModelVersion | None:
     return session.scalars(query).first()
 
 
-def _switch(session: Session, target: ModelVersion, current: ModelVersion | None) -> None:
-    """Put target in production and retire current, verifying that target's bundle is still intact."""
+def _switch(session: Session, target: ModelVersion, current: ModelVersion | None,
+            settings: Settings | None = None) -> None:
+    """Put target in production and retire current, verifying that target's bundle is still intact (fetched
+    from object storage and checked against its checksum)."""
     from training.bundle import BundleError, load_bundle
 
+    ref = BundleRef(target.version, target.storage_prefix, target.bundle_checksum, target.path)
     try:
-        bundle = load_bundle(target.path, verify=True)
-    except BundleError as exc:
+        bundle = load_bundle(local_bundle(ref, settings or load_settings()), verify=True)
+    except (BundleError, BundleStoreError) as exc:
         raise RegistryError(f"model {target.version} cannot serve: {exc}") from None
     if bundle.version != target.version or bundle.meta["checksums"].get("weights.pt") != target.checksum:
-        raise RegistryError(f"the bundle at {target.path} is no longer model {target.version} as registered")
+        raise RegistryError(f"the bundle of {target.version} is no longer model {target.version} as registered")
     if current is not None:
         current.status = "retired"
         session.flush()
@@ -245,7 +354,7 @@ def _switch(session: Session, target: ModelVersion, current: ModelVersion | None
     session.flush()
 
 
-def promote(session: Session, version: str, actor: str) -> ModelVersion:
+def promote(session: Session, version: str, actor: str, settings: Settings | None = None) -> ModelVersion:
     """Put a registered version in production (new jobs use it); recorded in the audit trail."""
     current = _lock_production(session)
     target = session.get(ModelVersion, version)
@@ -253,14 +362,14 @@ def promote(session: Session, version: str, actor: str) -> ModelVersion:
         raise RegistryError(f"model version {version!r} is not registered (see `skinscan models list`)")
     if current is not None and current.version == version:
         raise RegistryError(f"model {version} is in production already")
-    _switch(session, target, current)
+    _switch(session, target, current, settings)
     audit.record(session, "model.promote", actor, target_type="model", target_id=version,
                  details={"from": current.version if current else None, "to": version})
     log.info("model %s promoted to production by %s (was %s)", version, actor, current.version if current else None)
     return target
 
 
-def rollback(session: Session, actor: str) -> ModelVersion:
+def rollback(session: Session, actor: str, settings: Settings | None = None) -> ModelVersion:
     """Put the version that served before the current one back in production; recorded in the audit trail."""
     current = _lock_production(session)
     if current is None:
@@ -271,7 +380,7 @@ def rollback(session: Session, actor: str) -> ModelVersion:
     target = session.get(ModelVersion, previous)
     if target is None:
         raise RegistryError(f"the previous model {previous} is no longer registered")
-    _switch(session, target, current)
+    _switch(session, target, current, settings)
     audit.record(session, "model.rollback", actor, target_type="model", target_id=previous,
                  details={"from": current.version, "to": previous})
     log.info("model %s rolled back to %s by %s", current.version, previous, actor)

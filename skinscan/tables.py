@@ -78,12 +78,25 @@ class ModelVersion(Base):
     __tablename__ = "model_versions"
     version: Mapped[str] = mapped_column(String(120), primary_key=True)
     architecture: Mapped[str] = mapped_column(String(80))
-    path: Mapped[str] = mapped_column(Text)
-    checksum: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # where it was registered from (the only copy for rows before 0006)
+    checksum: Mapped[str] = mapped_column(String(64))  # SHA-256 of weights.pt
+    # The bundle in object storage (skinscan.bundle_store): key prefix and SHA-256 of its file manifest.
+    storage_prefix: Mapped[str | None] = mapped_column(Text)
+    bundle_checksum: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="registered")  # registered|production|retired
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NightlyClaim(Base):
+    """The one scheduled re-score of a night: the first beat-sent task to insert the night's key runs it."""
+
+    __tablename__ = "nightly_claims"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # e.g. "2026-11-27" (+ scope when not all)
+    task_id: Mapped[str] = mapped_column(String(155))
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    run_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Job(Base):
@@ -93,11 +106,13 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16), default="upload")  # upload|rescore
+    name: Mapped[str | None] = mapped_column(String(200))  # batch name or reference given at upload
     status: Mapped[str] = mapped_column(String(16), default="queued")  # uploading|queued|running|done|failed
     model_version: Mapped[str | None] = mapped_column(String(120))
     total: Mapped[int] = mapped_column(Integer, default=0)
     scored: Mapped[int] = mapped_column(Integer, default=0)
-    failed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)  # includes the refused files
+    refused: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # files refused at upload
     labels_format: Mapped[str | None] = mapped_column(String(32))
     known_labels: Mapped[list[Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
@@ -193,6 +208,29 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
+class Review(Base):
+    """A clinician's review of one image: decision on the flag, diagnosis, note; append-only, latest is current.
+
+    Re-scoring never touches these rows: `model_version` and `flagged` record what the reviewer saw.
+    """
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    reviewer: Mapped[str] = mapped_column(String(320))  # the user's email, or the API key's label
+    decision: Mapped[str] = mapped_column(String(16))  # agree|disagree|reviewed
+    diagnosis: Mapped[str | None] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(120))
+    flagged: Mapped[bool | None] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (Index("ix_reviews_job_image", "job_id", "image_id", "id"),
+                      Index("ix_reviews_image", "image_id", "id"))
+
+
 # At most one model version is in production: enforced by the database, not only by the registry's code.
 Index("uq_model_versions_one_production", ModelVersion.status, unique=True,
       postgresql_where=ModelVersion.status == "production", sqlite_where=ModelVersion.status == "production")
@@ -202,7 +240,7 @@ class RescoreRun(Base):
     """One re-scoring of stored images by the production model: its scope, progress and summary.
 
     The run's images are those (of its clinic, uploaded since `since`) that had a prediction before
-    `started_at` but none from `model_to`; counters are recomputed from the predictions table, never incremented.
+    `started_at` but none from `model_to`; counters are sums over its chunks (RescoreChunk), each added once.
     """
 
     __tablename__ = "rescore_runs"
@@ -218,14 +256,104 @@ class RescoreRun(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     changed: Mapped[int] = mapped_column(Integer, default=0)
     flagged: Mapped[int] = mapped_column(Integer, default=0)
-    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the first RESCORE_ERROR_SAMPLES failures only
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # Keyset position of the enqueue (the last image sent, by created_at then id); enqueued_at once all are sent.
+    cursor_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cursor_id: Mapped[str | None] = mapped_column(String(32))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (Index("ix_rescore_runs_status_model", "status", "model_to"),)
 
     @property
     def progress(self) -> float:
         """Fraction of the run's images finished (re-scored or failed), 0..1."""
         return 1.0 if self.total == 0 else round(min(1.0, (self.done + self.failed) / self.total), 4)
+
+
+class RescoreChunk(Base):
+    """One chunk of a re-score run: its images, when and as which task it was sent, and its counts once done.
+
+    The run's counters are sums of its completed chunks' counts, added in the transaction that first completes a
+    chunk, so a chunk delivered twice counts once. A chunk is named by its run and its first image id.
+    """
+
+    __tablename__ = "rescore_chunks"
+    run_id: Mapped[int] = mapped_column(ForeignKey("rescore_runs.id", ondelete="CASCADE"), primary_key=True)
+    first_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    image_ids: Mapped[list[Any]] = mapped_column(JSON)
+    size: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    dispatched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sends: Mapped[int] = mapped_column(Integer, default=1)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    changed: Mapped[int] = mapped_column(Integer, default=0)
+    flagged: Mapped[int] = mapped_column(Integer, default=0)
+    gone: Mapped[int] = mapped_column(Integer, default=0)  # images deleted between enqueue and scoring
+
+
+class RescoreRunClinic(Base):
+    """A run's counters for one clinic's images (what the clinic's API shows), kept like the run's own."""
+
+    __tablename__ = "rescore_run_clinics"
+    run_id: Mapped[int] = mapped_column(ForeignKey("rescore_runs.id", ondelete="CASCADE"), primary_key=True)
+    clinic_id: Mapped[str] = mapped_column(ForeignKey("clinics.id", ondelete="CASCADE"), primary_key=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    changed: Mapped[int] = mapped_column(Integer, default=0)
+    flagged: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RescoreChange(Base):
+    """One line of a run's change report (an image whose class or referral flag changed), written with its chunk.
+
+    `rank` is 0 for newly flagged images, else 1; the report is read in (rank, order_key, image_id) order, where
+    order_key is minus the new malignancy, so one index serves every page.
+    """
+
+    __tablename__ = "rescore_changes"
+    run_id: Mapped[int] = mapped_column(ForeignKey("rescore_runs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    clinic_id: Mapped[str] = mapped_column(String(32))
+    change: Mapped[str] = mapped_column(String(24))  # newly_flagged|no_longer_flagged|label_changed
+    rank: Mapped[int] = mapped_column(Integer)
+    order_key: Mapped[float] = mapped_column(Float)
+    previous_model: Mapped[str] = mapped_column(String(120))
+    previous_label: Mapped[str] = mapped_column(String(16))
+    previous_malignancy: Mapped[float] = mapped_column(Float)
+    previous_flagged: Mapped[bool] = mapped_column(Boolean)
+    new_model: Mapped[str] = mapped_column(String(120))
+    new_label: Mapped[str] = mapped_column(String(16))
+    new_malignancy: Mapped[float] = mapped_column(Float)
+    new_flagged: Mapped[bool] = mapped_column(Boolean)
+    __table_args__ = (Index("ix_rescore_changes_report", "run_id", "clinic_id", "rank", "order_key", "image_id"),)
+
+
+class JobChunk(Base):
+    """When a chunk of a job's images was sent to the workers, and as which task (the stalled-job sweeper reads it).
+
+    Written (and committed) before the task is sent; a resend of a lost chunk updates task_id and dispatched_at.
+    """
+
+    __tablename__ = "job_chunks"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_ids: Mapped[list[Any]] = mapped_column(JSON)
+    task_id: Mapped[str] = mapped_column(String(64))
+    dispatched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sends: Mapped[int] = mapped_column(Integer, default=1)
+
+
+# Indexes for the hot queries (issue 14; each checked with EXPLAIN on a million images, see benchmarks/scale.py).
+Index("ix_images_clinic_created", ImageRecord.clinic_id, ImageRecord.created_at, ImageRecord.id)
+Index("ix_images_created", ImageRecord.created_at, ImageRecord.id)
+Index("ix_audit_events_action_id", AuditEvent.action, AuditEvent.id)
+Index("ix_rescore_chunks_open", RescoreChunk.run_id, RescoreChunk.dispatched_at,
+      postgresql_where=RescoreChunk.completed_at.is_(None), sqlite_where=RescoreChunk.completed_at.is_(None))
+Index("ix_rescore_chunks_task", RescoreChunk.task_id)
+Index("ix_job_chunks_task", JobChunk.task_id)

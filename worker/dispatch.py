@@ -1,21 +1,112 @@
-"""Enqueueing work: split a committed job's pending images into chunks and send one task per chunk."""
+"""Enqueueing work and finding lost work: send a committed job's chunks, recording each dispatch, and re-send only
+the chunks that were really lost.
+
+Every chunk sent to the workers is recorded first (JobChunk for an upload job, RescoreChunk for a re-score run):
+when it was dispatched and as which Celery task id, committed before the message is published. The stalled-job
+sweeper re-sends a chunk only when it is unfinished, was dispatched longer ago than the lost-message bound
+(`requeue_after_seconds`), is not held by a worker (the broker's unacknowledged messages) and is no longer waiting
+in its queue: queues are first in, first out, so a chunk dispatched before the oldest message still waiting has
+already been delivered. A queue backlog therefore breeds no duplicate tasks.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from skinscan.db import session_scope
 from skinscan.settings import Settings, load_settings
-from skinscan.tables import ImageRecord
+from skinscan.tables import ImageRecord, JobChunk, RescoreChunk, RescoreRun, utcnow
 
 log = logging.getLogger(__name__)
+
+SCORE_TASK, SCORE_QUEUE = "worker.tasks.score_chunk", "skinscan"
+FINISH_TASK = "worker.tasks.finish_job"
+RESCORE_TASK, RESCORE_QUEUE = "worker.tasks.rescore_chunk", "rescore"
+ALWAYS = datetime.max.replace(tzinfo=UTC)  # a queue with no chunk waiting: every older chunk was delivered
+NEVER = datetime.min.replace(tzinfo=UTC)  # a queue whose waiting chunks cannot be told: none is lost
+SWEEP_LIMIT = 1000  # re-score chunks looked at per sweep (the oldest first): a sweep costs O(SWEEP_LIMIT)
 
 
 def chunked(ids: list[str], size: int) -> list[list[str]]:
     """Split a list of ids into lists of at most size."""
     return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def new_task_id() -> str:
+    """A Celery task id, chosen before the message is sent so that its dispatch record is committed first."""
+    return str(uuid.uuid4())
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the broker says about a queue: tasks held by workers, and before when every message was delivered."""
+
+    held: frozenset[str] = frozenset()
+    horizon: datetime = ALWAYS
+
+
+def is_lost(dispatched_at: datetime, task_id: str | None, cutoff: datetime, state: QueueState) -> bool:
+    """True when an unfinished chunk is lost: sent before the cutoff, delivered already and held by no worker."""
+    when = _aware(dispatched_at)
+    return when < cutoff and when < state.horizon and (task_id is None or task_id not in state.held)
+
+
+def horizon(length: int, head: list[str], dispatched: dict[str, datetime], depth: int) -> datetime:
+    """The dispatch time before which every chunk has left a queue, from its length and its next messages.
+
+    The first chunk among the next messages gives it; a queue with no chunk waiting gives ALWAYS, and one whose
+    next `depth` messages are none of ours (more waiting behind them) gives NEVER.
+    """
+    if length == 0:
+        return ALWAYS
+    for task_id in head:
+        if task_id in dispatched:
+            return _aware(dispatched[task_id])
+    return ALWAYS if length <= depth else NEVER
+
+
+def queue_state(settings: Settings, queue: str, lookup: Callable[[list[str]], dict[str, datetime]],
+                depth: int = 20) -> QueueState:
+    """Read the broker's view of a queue (Redis); another broker gives the default: nothing held or waiting."""
+    from worker.celery_app import celery_for
+    from worker.leases import held_task_ids, queue_head
+
+    app = celery_for(settings)
+    if not str(app.conf.broker_url or "").startswith(("redis://", "rediss://")):
+        return QueueState()
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        held = held_task_ids(channel)
+        length, head = queue_head(channel, queue, depth)
+    return QueueState(frozenset(held), horizon(length, head, lookup(head) if head else {}, depth))
+
+
+def _job_dispatch_times(settings: Settings) -> Callable[[list[str]], dict[str, datetime]]:
+    def lookup(task_ids: list[str]) -> dict[str, datetime]:
+        with session_scope(settings) as session:
+            return dict(session.execute(select(JobChunk.task_id, JobChunk.dispatched_at)
+                                        .where(JobChunk.task_id.in_(task_ids))).all())
+    return lookup
+
+
+def _rescore_dispatch_times(settings: Settings) -> Callable[[list[str]], dict[str, datetime]]:
+    def lookup(task_ids: list[str]) -> dict[str, datetime]:
+        with session_scope(settings) as session:
+            return dict(session.execute(select(RescoreChunk.task_id, RescoreChunk.dispatched_at)
+                                        .where(RescoreChunk.task_id.in_(task_ids))).all())
+    return lookup
 
 
 def pending_image_ids(session: Session, job_id: str) -> list[str]:
@@ -26,16 +117,141 @@ def pending_image_ids(session: Session, job_id: str) -> list[str]:
     ))
 
 
-def enqueue_job(session: Session, job_id: str, settings: Settings | None = None) -> int:
-    """Send score tasks for a job's pending images; call only after the job is committed. Returns chunks."""
+def _send(settings: Settings, task: str, queue: str, sends: Iterable[tuple[str, list[Any]]]) -> int:
+    """Publish (task id, args) messages; return how many."""
     from worker.celery_app import celery_for
 
+    app = celery_for(settings)
+    n = 0
+    for task_id, args in sends:
+        app.send_task(task, args=args, queue=queue, task_id=task_id)
+        n += 1
+    return n
+
+
+def enqueue_job(session: Session, job_id: str, settings: Settings | None = None, resend: bool = False) -> int:
+    """Send score tasks for a job's pending images that no chunk covers yet; call only after they are committed.
+
+    Each part of an upload is sent as soon as it commits, so scoring starts while later parts upload; a part's
+    chunks are added to the job's dispatch records, committed before any message is sent. `resend` replaces the
+    records and sends every pending image again (a restarted embedded service whose in-memory broker lost all).
+    Returns how many chunks were sent.
+    """
     settings = settings or load_settings()
-    celery_app = celery_for(settings)
     if session.in_transaction() and session.new:
         raise RuntimeError("enqueue_job called with uncommitted rows: commit the job first")
-    chunks = chunked(pending_image_ids(session, job_id), settings.chunk_size)
-    for chunk in chunks:
-        celery_app.send_task("worker.tasks.score_chunk", args=[job_id, chunk], queue="skinscan")
-    log.info("job %s: %d chunks enqueued", job_id, len(chunks))
-    return len(chunks)
+    pending = pending_image_ids(session, job_id)
+    first_seq = 0
+    if resend:
+        session.execute(delete(JobChunk).where(JobChunk.job_id == job_id))
+    else:
+        covered: set[str] = set()
+        for seq, image_ids in session.execute(select(JobChunk.seq, JobChunk.image_ids)
+                                              .where(JobChunk.job_id == job_id)):
+            covered.update(image_ids)
+            first_seq = max(first_seq, seq + 1)
+        pending = [i for i in pending if i not in covered]
+    records = [{"job_id": job_id, "seq": first_seq + n, "image_ids": ids, "task_id": new_task_id(),
+                "dispatched_at": utcnow(), "sends": 1} for n, ids in enumerate(chunked(pending, settings.chunk_size))]
+    if records:
+        session.execute(insert(JobChunk), records)
+    session.commit()
+    _send(settings, SCORE_TASK, SCORE_QUEUE, ((r["task_id"], [job_id, r["image_ids"]]) for r in records))
+    log.info("job %s: %d chunks enqueued", job_id, len(records))
+    return len(records)
+
+
+def finish_if_complete(session: Session, job_id: str, settings: Settings | None = None) -> bool:
+    """After a job closes for uploads (committed): if no image is left pending, have a worker finish it (metrics,
+    status); return whether a finish task was sent. Its images may all have been scored while it was uploading."""
+    settings = settings or load_settings()
+    left = session.scalar(select(func.count()).where(ImageRecord.job_id == job_id, ImageRecord.status == "pending"))
+    session.commit()
+    if left:
+        return False
+    _send(settings, FINISH_TASK, SCORE_QUEUE, [(new_task_id(), [job_id])])
+    return True
+
+
+def _lost_job_chunks(settings: Settings, job_id: str, cutoff: datetime,
+                     state: QueueState) -> list[tuple[str, list[Any]]]:
+    """Record the re-send of a stalled job's lost chunks (and of pending images no chunk covers); return them."""
+    with session_scope(settings) as session:
+        in_order = pending_image_ids(session, job_id)
+        pending = set(in_order)
+        if not pending:
+            return []
+        rows = list(session.scalars(select(JobChunk).where(JobChunk.job_id == job_id)
+                                    .order_by(JobChunk.seq).with_for_update()))
+        covered: set[str] = set()
+        sends: list[tuple[str, list[Any]]] = []
+        now = utcnow()
+        for row in rows:
+            covered.update(row.image_ids)
+            if pending.intersection(row.image_ids) and is_lost(row.dispatched_at, row.task_id, cutoff, state):
+                row.task_id, row.dispatched_at, row.sends = new_task_id(), now, row.sends + 1
+                sends.append((row.task_id, [job_id, list(row.image_ids)]))
+        uncovered = [i for i in in_order if i not in covered]
+        seq = max((r.seq for r in rows), default=-1) + 1
+        for n, ids in enumerate(chunked(uncovered, settings.chunk_size)):
+            record = JobChunk(job_id=job_id, seq=seq + n, image_ids=ids, task_id=new_task_id(), dispatched_at=now)
+            session.add(record)
+            sends.append((record.task_id, [job_id, ids]))
+    return sends
+
+
+def _lost_rescore_chunks(settings: Settings, cutoff: datetime, state: QueueState) -> list[tuple[str, list[Any]]]:
+    """Record the re-send of running re-score runs' lost chunks (the SWEEP_LIMIT oldest candidates); return them."""
+    bound = min(cutoff, state.horizon)
+    with session_scope(settings) as session:
+        rows = list(session.execute(
+            select(RescoreChunk.run_id, RescoreChunk.first_id, RescoreChunk.task_id, RescoreChunk.dispatched_at,
+                   RescoreChunk.image_ids)
+            .join(RescoreRun, RescoreRun.id == RescoreChunk.run_id)
+            .where(RescoreRun.status == "running", RescoreChunk.completed_at.is_(None),
+                   RescoreChunk.dispatched_at < bound)
+            .order_by(RescoreChunk.dispatched_at).limit(SWEEP_LIMIT)))
+        sends: list[tuple[str, list[Any]]] = []
+        now = utcnow()
+        for run_id, first_id, task_id, dispatched_at, image_ids in rows:
+            if not is_lost(dispatched_at, task_id, cutoff, state):
+                continue
+            fresh = new_task_id()
+            moved = session.execute(
+                update(RescoreChunk).where(RescoreChunk.run_id == run_id, RescoreChunk.first_id == first_id,
+                                           RescoreChunk.completed_at.is_(None), RescoreChunk.task_id == task_id)
+                .values(task_id=fresh, dispatched_at=now, sends=RescoreChunk.sends + 1)).rowcount
+            if moved:
+                sends.append((fresh, [run_id, list(image_ids)]))
+    return sends
+
+
+def requeue_lost(settings: Settings | None = None) -> int:
+    """Re-send the lost chunks of stalled jobs and running re-score runs; return how many were sent.
+
+    A job is looked at once it made no progress for requeue_after_seconds; its counters are recomputed then too.
+    """
+    from worker import pipeline
+
+    settings = settings or load_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_after_seconds)
+    total = 0
+    jobs = pipeline.stalled_jobs(settings)
+    if jobs:
+        state = queue_state(settings, SCORE_QUEUE, _job_dispatch_times(settings))
+        for job_id in jobs:
+            sends = _lost_job_chunks(settings, job_id, cutoff, state)
+            total += _send(settings, SCORE_TASK, SCORE_QUEUE, sends)
+            if sends:
+                log.warning("job %s: %d lost chunks sent again", job_id, len(sends))
+            pipeline.refresh_job(job_id, settings)
+    with session_scope(settings) as session:
+        open_runs = session.scalar(select(func.count()).select_from(RescoreRun).where(RescoreRun.status == "running"))
+    if open_runs:
+        state = queue_state(settings, RESCORE_QUEUE, _rescore_dispatch_times(settings))
+        sends = _lost_rescore_chunks(settings, cutoff, state)
+        total += _send(settings, RESCORE_TASK, RESCORE_QUEUE, sends)
+        if sends:
+            log.warning("%d lost re-score chunks sent again", len(sends))
+    return total
+

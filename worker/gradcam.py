@@ -179,8 +179,9 @@ def _prediction(session: Session, image_id: str, model_version: str) -> Predicti
 
 def compute_heatmap(image_id: str, model_version: str, settings: Settings | None = None) -> bool:
     """Compute and cache one image's heatmap for the class the model version predicted; True when cached."""
+    from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
     from skinscan.db import session_scope
-    from skinscan.registry import RegistryError, bundle_path_for
+    from skinscan.registry import RegistryError, bundle_ref
     from skinscan.storage import get_storage
     from training.bundle import BundleError
 
@@ -195,18 +196,18 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
         prediction = _prediction(session, image_id, model_version)
         label = prediction.label if prediction else None
         try:
-            path: Path | None = bundle_path_for(session, model_version)
+            ref: BundleRef | None = bundle_ref(session, model_version)
         except RegistryError:
-            path = None
+            ref = None
     key = heatmap_key(image, model_version)
     if storage.exists(key):
         return True
     try:
-        if path is None:
+        if ref is None:
             raise BundleError(f"model version {model_version} is not registered")
-        bundle, model, layer = _model_for(path)
+        bundle, model, layer = _model_for(local_bundle(ref, settings, storage))
         png = render_heatmap(bundle, model, layer, storage.get(image.storage_key), label)
-    except (ImageError, BundleError) as exc:
+    except (ImageError, BundleError, BundleStoreError) as exc:
         _write_state(storage, _state_key(image, model_version), {"state": "error", "error": str(exc)})
         log.warning("Grad-CAM for image %s failed: %s", image_id, exc)
         return False

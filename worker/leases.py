@@ -6,10 +6,14 @@ older than the visibility timeout back on its queue. With a short visibility tim
 (SIGKILL, OOM, power loss) gets its messages back on the queue within seconds; this consumer step renews the
 time of every message a live worker holds (running, reserved or waiting for a retry's countdown) several times
 per visibility timeout, so a task that runs longer than the timeout is never delivered a second time.
+
+The stalled-job sweeper reads the same structures (held_task_ids, queue_head) to tell a lost chunk from one that
+is still waiting in the queue or held by a live worker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -45,6 +49,44 @@ def renew_leases(channel: Any) -> int:
         # XX: only refresh entries still there; one another worker already restored is never brought back.
         client.zadd(index, {tag: now for tag in tags}, xx=True)
     return len(tags)
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    """The Celery task id in a kombu Redis message (protocol 2 keeps it in the headers), or None."""
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # an `unacked` entry: [message, exchange, routing key]
+            message = message[0]
+        task_id = message["headers"]["id"]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def held_task_ids(channel: Any) -> set[str]:
+    """Task ids of every message a worker holds now (delivered, not acknowledged): the broker's `unacked` hash.
+
+    Its size is bounded by the workers' prefetch and the retries waiting for their countdown, not by the queue.
+    """
+    key = getattr(channel, "unacked_key", "unacked")
+    with channel.conn_or_acquire() as client:
+        ids = (_task_id(raw) for _, raw in client.hscan_iter(key, count=500))
+        return {i for i in ids if i is not None}
+
+
+def queue_head(channel: Any, queue: str, depth: int = 20) -> tuple[int, list[str]]:
+    """(length of a queue, task ids of its next `depth` messages, the next to be delivered first).
+
+    kombu's Redis transport publishes with LPUSH and consumes with BRPOP from the right, and puts a message whose
+    lease ran out back at the right: what waits at the right end is the oldest message in the queue.
+    """
+    with channel.conn_or_acquire() as client:
+        pipe = client.pipeline()
+        pipe.llen(queue)
+        pipe.lrange(queue, -depth, -1)
+        length, raws = pipe.execute()
+    ids = (_task_id(raw) for raw in reversed(raws))
+    return int(length), [i for i in ids if i is not None]
 
 
 class LeaseRenewal(bootsteps.StartStopStep):

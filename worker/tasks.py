@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -46,20 +47,20 @@ def gradcam(image_id: str, model_version: str) -> bool:
     return compute_heatmap(image_id, model_version)
 
 
+@celery_app.task(name="worker.tasks.finish_job", **_RETRY)
+def finish_job(job_id: str) -> None:
+    """Recount a job whose images were all finished before it closed for uploads, and mark it done."""
+    pipeline.refresh_job(job_id, load_settings())
+
+
 @celery_app.task(name="worker.tasks.requeue_stalled")
 def requeue_stalled() -> int:
-    """Re-send chunks of jobs that made no progress for a while (lost messages after a broker restart)."""
-    from skinscan.db import session_scope
-    from worker.dispatch import enqueue_job
+    """Re-send only the chunks really lost (not finished, not held by a worker, not waiting in the queue)."""
+    from worker.dispatch import requeue_lost
 
-    settings = load_settings()
-    total = 0
-    for job_id in pipeline.stalled_jobs(settings):
-        with session_scope(settings) as session:
-            total += enqueue_job(session, job_id, settings)
-        pipeline.refresh_job(job_id, settings)
+    total = requeue_lost(load_settings())
     if total:
-        log.warning("requeued %d chunks of stalled jobs", total)
+        log.warning("requeued %d lost chunks of stalled jobs and re-score runs", total)
     return total
 
 
@@ -77,16 +78,17 @@ def sweep_orphans() -> int:
     return sweep(load_settings())
 
 
-@celery_app.task(name="worker.tasks.nightly_rescore", queue="rescore", **_RETRY)
-def nightly_rescore(clinic_id: str | None = None, since: str | None = None) -> int | None:
-    """Start or resume re-scoring every stored image that lacks a prediction of the production model."""
+@celery_app.task(name="worker.tasks.nightly_rescore", queue="rescore", bind=True, **_RETRY)
+def nightly_rescore(self: Task, clinic_id: str | None = None, since: str | None = None) -> int | None:
+    """Start or resume re-scoring every stored image that lacks a prediction of the production model, once per
+    night: the first task to claim the night runs it, a second beat's task finds the claim and does nothing."""
+    import uuid
     from datetime import datetime
 
-    from worker.rescore import start_rescore
+    from worker.nightly import run_nightly
 
-    run = start_rescore(load_settings(), clinic_id, datetime.fromisoformat(since) if since else None,
-                        actor="schedule", requeue_active=False)
-    return run.id if run else None
+    return run_nightly(load_settings(), self.request.id or uuid.uuid4().hex, clinic_id,
+                       datetime.fromisoformat(since) if since else None)
 
 
 @celery_app.task(name="worker.tasks.rescore_chunk", queue="rescore", **_RETRY)

@@ -9,8 +9,12 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from skinscan.settings import Settings, load_settings
+from skinscan.cli.service import load_settings  # lazy: `skinscan --help` does not load the settings machinery
+
+if TYPE_CHECKING:
+    from skinscan.settings import Settings
 
 log = logging.getLogger("skinscan")
 
@@ -44,16 +48,19 @@ def cmd_models_register(args: argparse.Namespace) -> int:
     """Check a bundle (metadata, checksums, loads and scores an image) and register it without promoting it."""
     from skinscan.db import session_scope
     from skinscan.registry import RegistryError, register_bundle
+    from skinscan.storage import StorageError
 
     settings = _prepared()
     image = Path(args.image).read_bytes() if args.image else None
     try:
         with session_scope(settings) as session:
-            row = register_bundle(session, Path(args.bundle), _actor(), image, backend=args.backend)
-            version, status = row.version, row.status
-    except RegistryError as exc:
+            row = register_bundle(session, Path(args.bundle), _actor(), image, backend=args.backend,
+                                  settings=settings)
+            version, status, prefix = row.version, row.status, row.storage_prefix
+    except (RegistryError, StorageError) as exc:
         raise SystemExit(f"not registered: {exc}") from None
-    print(f"registered {version} ({status}); promote it with `skinscan models promote {version}`")  # noqa: T201
+    print(f"registered {version} ({status}), stored under {prefix}; "  # noqa: T201
+          f"promote it with `skinscan models promote {version}`")
     return 0
 
 
@@ -81,12 +88,13 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     """Put a registered version in production; new jobs use it and the nightly re-score moves images to it."""
     from skinscan.db import session_scope
     from skinscan.registry import RegistryError, promote
+    from skinscan.storage import StorageError
 
     settings = _prepared()
     try:
         with session_scope(settings) as session:
-            promote(session, args.version, _actor())
-    except RegistryError as exc:
+            promote(session, args.version, _actor(), settings)
+    except (RegistryError, StorageError) as exc:
         raise SystemExit(f"not promoted: {exc}") from None
     print(f"{args.version} is in production")  # noqa: T201
     return 0
@@ -96,12 +104,13 @@ def cmd_models_rollback(_args: argparse.Namespace) -> int:
     """Put the version that served before the current one back in production."""
     from skinscan.db import session_scope
     from skinscan.registry import RegistryError, rollback
+    from skinscan.storage import StorageError
 
     settings = _prepared()
     try:
         with session_scope(settings) as session:
-            version = rollback(session, _actor()).version
-    except RegistryError as exc:
+            version = rollback(session, _actor(), settings).version
+    except (RegistryError, StorageError) as exc:
         raise SystemExit(f"not rolled back: {exc}") from None
     print(f"rolled back: {version} is in production")  # noqa: T201
     return 0
@@ -173,10 +182,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     m = msub.add_parser("register", help="check a bundle and register it (it does not go into production)")
     m.add_argument("bundle", help="bundle folder written by `skinscan train` (workers must see the same path)")
     m.add_argument("--image", default=None, help="image to test-score (default: a synthetic one made in memory)")
-    m.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto")
+    m.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                   help="backend for the test-score (default: %(default)s)")
     m.set_defaults(func=cmd_models_register)
     m = msub.add_parser("list", help="registered versions; * marks the one in production")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the versions as JSON")
     m.set_defaults(func=cmd_models_list)
     m = msub.add_parser("promote", help="put a registered version in production (audited)")
     m.add_argument("version")

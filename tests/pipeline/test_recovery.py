@@ -117,12 +117,23 @@ def test_long_task_is_not_delivered_twice(stack, ham_dir) -> None:  # type: igno
 
 
 def bucket_keys(stack: Any) -> set[str]:
-    """Every key in the stack's bucket, listed with boto3 (not with the code under test)."""
+    """Every image key in the stack's bucket, listed with boto3 (not with the code under test); the model bundle
+    the registry stores under models/ is left out."""
     import boto3
+
+    from skinscan.bundle_store import MODELS_PREFIX
 
     s3 = boto3.client("s3", endpoint_url=stack.env["S3_ENDPOINT_URL"])
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.env["S3_BUCKET"])
-    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].startswith(MODELS_PREFIX)}
+
+
+def register_model(settings: Any) -> None:
+    """Store and promote the configured bundle now, as a first start does, before a test breaks storage."""
+    from skinscan.registry import ensure_production_model
+
+    with session_scope(settings) as session:
+        ensure_production_model(session, settings)
 
 
 def claimed_keys(settings: Any) -> set[str]:
@@ -208,6 +219,7 @@ def test_storage_error_mid_upload_keeps_nothing(stack, ham_files, monkeypatch, r
     settings = stack.settings()
     client = make_client(settings)
     state = {"puts": 0, "down": False}
+    register_model(settings)
     real = {name: getattr(S3Storage, name, None) for name in ("put", "delete", "list_keys")}
 
     def put(self: S3Storage, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -267,6 +279,7 @@ def test_upload_outliving_the_grace_period_is_refused(stack, ham_files, monkeypa
 
     settings = stack.settings()
     client = make_client(settings)
+    register_model(settings)
     real_put, puts = S3Storage.put, []
 
     def put(self: S3Storage, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:

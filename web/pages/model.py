@@ -12,7 +12,9 @@ from flask import abort, render_template, send_file
 from markupsafe import Markup
 from sqlalchemy import select
 
+from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
 from skinscan.registry import production_model
+from skinscan.storage import StorageError
 from skinscan.tables import ModelVersion
 from training.bundle import BundleError, referral_threshold
 from web.context import db, settings
@@ -22,7 +24,6 @@ from web.pages.common import page_blueprint
 log = logging.getLogger(__name__)
 bp = page_blueprint("model")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CARD = "MODEL_CARD.md"
 PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+_(confusion|roc|reliability)\.png$")
 ALIGN_STYLE = re.compile(r'style="text-align: (left|right|center);"')
@@ -40,20 +41,34 @@ def render_markdown(text: str) -> Markup:
     return Markup(html)
 
 
+def bundle_folder(row: ModelVersion) -> Path | None:
+    """The model's bundle on this machine: fetched from object storage into the local cache on first use and
+    verified against its checksum (a version registered before bundles were stored: its folder). None, logged,
+    when it cannot be had: the page then shows what the registry holds, never another model's card."""
+    ref = BundleRef(row.version, row.storage_prefix, row.bundle_checksum, row.path)
+    try:
+        folder = local_bundle(ref, settings())
+    except (BundleStoreError, StorageError) as exc:
+        log.error("the bundle of model %s cannot be shown: %s", row.version, exc)
+        return None
+    return folder if folder.is_dir() else None
+
+
 def model_card(bundle_dir: Path | None) -> Markup | None:
-    """Return the model card as HTML: the bundle's own MODEL_CARD.md, else the repository's, if present."""
-    for folder in (bundle_dir, REPO_ROOT):
-        if folder is not None and (folder / MODEL_CARD).is_file():
-            return render_markdown((folder / MODEL_CARD).read_text(encoding="utf-8", errors="replace"))
+    """Return the model card as HTML: the MODEL_CARD.md that travels inside the bundle, if it has one."""
+    if bundle_dir is not None and (bundle_dir / MODEL_CARD).is_file():
+        return render_markdown((bundle_dir / MODEL_CARD).read_text(encoding="utf-8", errors="replace"))
     return None
 
 
-def live_meta(row: ModelVersion) -> dict[str, Any]:
-    """The bundle's metadata as it is on disk now (evaluations are added after registration), else the row's."""
+def live_meta(row: ModelVersion, folder: Path | None) -> dict[str, Any]:
+    """The bundle's own metadata.json (evaluations recorded in it included), else the row's copy."""
     try:
-        return json.loads((Path(row.path) / "metadata.json").read_text())
+        if folder is not None:
+            return json.loads((folder / "metadata.json").read_text())
     except (OSError, ValueError):
-        return dict(row.meta or {})
+        pass
+    return dict(row.meta or {})
 
 
 def plots(bundle_dir: Path) -> list[dict[str, str]]:
@@ -86,11 +101,11 @@ def show():  # type: ignore[no-untyped-def]
     versions = list(session.scalars(select(ModelVersion).order_by(ModelVersion.registered_at.desc()).limit(20)))
     if row is None:
         return render_template("model.html", model=None, versions=versions, card=model_card(None))
-    folder = Path(row.path)
-    meta = live_meta(row)
+    folder = bundle_folder(row)
+    meta = live_meta(row, folder)
     return render_template(
         "model.html", model=row, meta=meta, versions=versions, card=model_card(folder),
-        plots=plots(folder) if folder.is_dir() else [],
+        plots=plots(folder) if folder is not None else [], bundle_missing=folder is None,
         validation=(meta.get("metrics") or {}).get("validation") or {},
         referral_sensitivity=settings().referral_sensitivity,
         referral_threshold=_threshold(meta),
@@ -101,11 +116,12 @@ def show():  # type: ignore[no-untyped-def]
 @bp.get("/model/plots/<name>")
 @login_required
 def plot(name: str):  # type: ignore[no-untyped-def]
-    """A plot PNG from the production model's bundle folder (only *_confusion/_roc/_reliability.png)."""
+    """A plot PNG from the production model's bundle (only *_confusion/_roc/_reliability.png)."""
     row = production_model(db())
     if row is None or not PLOT_NAME.match(name):
         abort(404)
-    path = Path(row.path) / name
-    if not path.is_file():
+    folder = bundle_folder(row)
+    path = folder / name if folder is not None else None
+    if path is None or not path.is_file():
         abort(404)
     return send_file(path, mimetype="image/png", max_age=3600)
