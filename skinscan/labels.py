@@ -86,6 +86,10 @@ def _flag(value: str, line: int, column: str) -> bool:
     return number == 1.0
 
 
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def image_id_of(name: str) -> str:
     """Return the image id a file name stands for (its base name without extension)."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
@@ -114,7 +118,7 @@ def parse_ground_truth(text: str) -> GroundTruth:
     else:
         raise LabelFileError(
             "unrecognised columns "
-            f"{','.join(header)!r}; expected HAM10000 metadata (image_id,dx,...), ISIC 2017 Part 3 "
+            f"{_shorten(','.join(header))!r}; expected HAM10000 metadata (image_id,dx,...), ISIC 2017 Part 3 "
             "(image_id,melanoma,seborrheic_keratosis) or ISIC 2018/2019 (image,MEL,NV,BCC,...)",
             1,
         )
@@ -162,3 +166,46 @@ def parse_ground_truth(text: str) -> GroundTruth:
     if not labels:
         raise LabelFileError("the labels file has no labelled rows", 2)
     return GroundTruth(format=fmt, labels=labels, known_labels=known, extra=extra, lines=lines)
+
+
+@dataclass
+class LabelMatch:
+    """The rows of a ground-truth file matched to the images of a batch (the file may cover many more)."""
+
+    labels: dict[str, str]  # image id of an uploaded file -> its true label
+    unmatched_rows: int  # labelled rows whose image is not in the batch (ignored)
+    unlabelled: int  # image ids of the batch without a labelled row
+
+    def summary(self) -> str:
+        """One sentence on what matched: '5 images labelled; 10,010 label rows matched no uploaded image.'"""
+        n = len(self.labels)
+        parts = [f"{n:,} image{'' if n == 1 else 's'} labelled"]
+        if self.unlabelled:
+            parts.append(f"{self.unlabelled:,} without a label row")
+        text = ", ".join(parts)
+        if self.unmatched_rows:
+            rows = "row" if self.unmatched_rows == 1 else "rows"
+            text += f"; {self.unmatched_rows:,} label {rows} matched no uploaded image"
+        return text + "."
+
+
+def match_labels(truth: GroundTruth, image_ids: list[str] | set[str]) -> LabelMatch:
+    """Match a ground-truth file's rows to a batch's image ids: exact id first, else the same id in any case.
+
+    Rows for images not in the batch are counted and ignored; images without a row stay unlabelled.
+    """
+    exact = set(image_ids)
+    folded: dict[str, str] = {}
+    for image_id in sorted(exact):
+        folded.setdefault(image_id.casefold(), image_id)
+    labels = {row_id: label for row_id, label in truth.labels.items() if row_id in exact}
+    unmatched = 0
+    for row_id, label in truth.labels.items():
+        if row_id in exact:
+            continue
+        target = folded.get(row_id.casefold())
+        if target is None or target in labels:
+            unmatched += 1
+        else:
+            labels[target] = label
+    return LabelMatch(labels=labels, unmatched_rows=unmatched, unlabelled=len(exact) - len(labels))

@@ -43,6 +43,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     from web import api_model_versions
 
     app.register_blueprint(api_model_versions.bp)
+    from web import api_reviews
+
+    app.register_blueprint(api_reviews.bp)
     from web import pages  # a broken import here must stop start-up, not serve an app without its pages
 
     pages.init_app(app)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 from sqlalchemy import func, select
 
 from skinscan import audit
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics
+from web.api_schemas import (
+    JobCreatedSchema,
+    JobListQuery,
+    JobMetricsSchema,
+    JobPageSchema,
+    JobSchema,
+    ResultsPageSchema,
+    ResultsQuery,
+    UploadSchema,
+)
 from web.auth import require_api_key
 from web.context import db, settings, storage
 from web.errors import ApiError
@@ -21,36 +31,20 @@ from web.intake import (
     create_job,
     discard_stored,
     enqueue_committed,
+    fail_job,
     finalize_job,
     iter_files,
+    label_details,
     parse_labels,
 )
+from web.lookup import int_arg, owned_job
+from web.openapi import doc
 from web.results import iter_csv, job_images, job_summary, rows_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+LABELS_MAX_BYTES = 10 * 1024 * 1024
 STORAGE_DOWN = "image storage is unavailable; nothing was kept from this upload, send it again later"
-
-
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(f"query parameter {name!r} must be a whole number", 400) from None
-    if not low <= value <= high:
-        raise ApiError(f"query parameter {name!r} must be between {low} and {high}", 400)
-    return value
-
-
-def get_job(job_id: str) -> Job:
-    """Return the signed-in clinic's job, or 404 (also for another clinic's job)."""
-    job = db().get(Job, job_id) if len(job_id) <= 64 else None
-    if job is None or job.clinic_id != g.clinic.id:
-        raise ApiError("job not found", 404)
-    return job
 
 
 def _uploaded_files() -> list[tuple[str, Any]]:
@@ -61,22 +55,26 @@ def _uploaded_files() -> list[tuple[str, Any]]:
 
 def _labels_bytes() -> bytes | None:
     labels = request.files.get("labels")
-    return labels.read(10 * 1024 * 1024) if labels else None
+    data = labels.read(LABELS_MAX_BYTES + 1) if labels else None
+    if data is not None and len(data) > LABELS_MAX_BYTES:  # refused whole, never parsed cut short
+        raise UploadError(f"the labels file is over {LABELS_MAX_BYTES // (1024 * 1024)} MB", 413)
+    return data
 
 
-
-
-
-
-def _created(job: Job, accepted: int, rejected: list[Any]) -> tuple[Response, int]:
+def _created(job: Job, accepted: int, rejected: list[Any],
+             labels: dict[str, Any] | None = None) -> tuple[Response, int]:
     body = job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))
     body["results_url"] = url_for("api.job_results", job_id=job.id, _external=True)
     body["accepted"] = accepted
     body["rejected"] = [r.__dict__ for r in rejected]
+    if labels is not None:
+        body["labels"] = labels
     return jsonify(body), 202
 
 
 @bp.post("/jobs")
+@doc(JobCreatedSchema, status=202, description="job created (and queued unless finalize=false)",
+     form=UploadSchema, errors=(400, 413, 415, 503))
 @require_api_key
 def create():  # type: ignore[no-untyped-def]
     """Create a job from files and/or zips (+ optional labels CSV); commit, then enqueue; 202."""
@@ -84,7 +82,7 @@ def create():  # type: ignore[no-untyped-def]
     session = db()
     try:
         result = create_job(session, storage(), g.clinic, _uploaded_files(), _labels_bytes(), settings(),
-                            g.actor, finalize=finalize)
+                            g.actor, finalize=finalize, name=request.form.get("name"))
         session.commit()
     except UploadError as exc:
         discard_stored(session, storage())
@@ -92,18 +90,20 @@ def create():  # type: ignore[no-untyped-def]
     except StorageError:
         discard_stored(session, storage())
         raise ApiError(STORAGE_DOWN, 503) from None
-    if finalize:
-        enqueue_committed(db(), result.job, settings())
+    enqueue_committed(db(), result.job, settings(), closed=finalize)  # a part is scored while the next uploads
     log.info("job %s created: %d images accepted, %d refused", result.job.id, result.accepted,
              len(result.rejected))
-    return _created(result.job, result.accepted, result.rejected)
+    return _created(result.job, result.accepted, result.rejected,
+                    label_details(result.labels) if result.labels is not None else None)
 
 
 @bp.post("/jobs/<job_id>/images")
+@doc(JobCreatedSchema, status=202, description="images added", form=UploadSchema,
+     errors=(400, 409, 413, 415, 503))
 @require_api_key
 def add(job_id: str):  # type: ignore[no-untyped-def]
     """Add a part of files to a job created with finalize=false."""
-    job = get_job(job_id)
+    job = owned_job(job_id)
     if job.status != "uploading":
         raise ApiError(f"job is {job.status}; images can only be added while it is uploading", 409)
     session = db()
@@ -118,38 +118,48 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     except StorageError:
         discard_stored(session, storage())
         raise ApiError(STORAGE_DOWN, 503) from None
+    enqueue_committed(session, job, settings(), closed=False)  # scored while the next part uploads
     return _created(job, accepted, rejected)
 
 
 @bp.post("/jobs/<job_id>/start")
+@doc(JobSchema, status=202, description="queued", errors=(400, 409, 413))
 @require_api_key
 def start(job_id: str):  # type: ignore[no-untyped-def]
     """Close an uploading job (optionally with a labels CSV) and queue it for scoring."""
-    job = get_job(job_id)
+    job = owned_job(job_id)
     if job.status != "uploading":
         raise ApiError(f"job is already {job.status}", 409)
     session = db()
+    match = None
     try:
         truth = parse_labels(_labels_bytes())
         if truth is not None:
-            apply_labels(session, job, truth)
-    except UploadError as exc:
+            match = apply_labels(session, job, truth)
+        if not session.scalar(select(func.count()).where(ImageRecord.job_id == job.id,
+                                                         ImageRecord.storage_key.is_not(None))):
+            raise UploadError("the job has no accepted images", 400)
+    except UploadError as exc:  # no ghost: the job says why it did not start (and can be deleted)
         session.rollback()
+        fail_job(session, job, f"the job could not start: {exc}")
+        session.commit()
         raise ApiError(str(exc), exc.status, exc.details) from None
-    if not session.scalar(select(func.count()).where(ImageRecord.job_id == job.id, ImageRecord.status == "pending")):
-        raise ApiError("the job has no accepted images", 400)
     finalize_job(session, job)
     session.commit()
     enqueue_committed(db(), job, settings())
-    return jsonify(job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))), 202
+    body = job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))
+    if match is not None:
+        body["labels"] = label_details(match)
+    return jsonify(body), 202
 
 
 @bp.get("/jobs")
+@doc(JobPageSchema, query=JobListQuery, errors=(400,))
 @require_api_key
 def list_jobs():  # type: ignore[no-untyped-def]
     """The clinic's jobs, newest first, paginated (?page=1&per_page=20)."""
-    page = _int_arg("page", 1, 1, 1_000_000)
-    per_page = _int_arg("per_page", 20, 1, 200)
+    page = int_arg("page", 1, 1, 1_000_000, strict=True)
+    per_page = int_arg("per_page", 20, 1, 200, strict=True)
     session = db()
     total = session.scalar(select(func.count()).select_from(Job).where(Job.clinic_id == g.clinic.id)) or 0
     jobs = session.scalars(select(Job).where(Job.clinic_id == g.clinic.id)
@@ -159,17 +169,51 @@ def list_jobs():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/jobs/<job_id>")
+@doc(JobSchema)
 @require_api_key
 def job_status(job_id: str):  # type: ignore[no-untyped-def]
-    """Status, counts and progress of one job: a single-row read, cheap enough to poll every second."""
-    return jsonify(job_summary(get_job(job_id)))
+    """Status, counts and progress of one job: one read of the job row by its key (the key's clinic is cached)."""
+    return jsonify(job_summary(owned_job(job_id)))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@doc(JobSchema, description="cancelled (again: unchanged)", errors=(409,))
+@require_api_key
+def cancel(job_id: str):  # type: ignore[no-untyped-def]
+    """Cancel a job that is uploading, queued or running: its images not yet scored are never scored; 200."""
+    from web.job_cancellation import CancelRefused, cancel_job
+
+    job = owned_job(job_id)
+    try:
+        job, cancelled = cancel_job(db(), job.id, g.actor)
+    except CancelRefused as exc:
+        raise ApiError(str(exc), 409) from None
+    body = job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))
+    body["cancelled_now"] = cancelled
+    return jsonify(body)
+
+
+@bp.delete("/jobs/<job_id>")
+@require_api_key
+def delete(job_id: str):  # type: ignore[no-untyped-def]
+    """Delete a job, its results and its stored images (audited); deleting it again answers the same way."""
+    from skinscan.job_deletion import delete_job, retry_deleted, was_deleted
+
+    session = db()
+    job = session.get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None or job.clinic_id != g.clinic.id:
+        if job is None and len(job_id) <= 64 and was_deleted(session, g.clinic.id, job_id):
+            return jsonify(retry_deleted(session, storage(), g.clinic.id, job_id).as_dict())
+        raise ApiError("job not found", 404)
+    return jsonify(delete_job(session, storage(), job, g.actor, settings().orphan_grace_seconds).as_dict())
 
 
 @bp.get("/jobs/<job_id>/results")
+@doc(ResultsPageSchema, query=ResultsQuery, csv=True, errors=(400,))
 @require_api_key
 def job_results(job_id: str):  # type: ignore[no-untyped-def]
     """Per-image results as JSON (paginated with ?limit&offset) or CSV (?format=csv, all rows, streamed)."""
-    job = get_job(job_id)
+    job = owned_job(job_id)
     session = db()
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "csv"):
@@ -181,8 +225,8 @@ def job_results(job_id: str):  # type: ignore[no-untyped-def]
         response = Response(stream_with_context(iter_csv(session, job)), mimetype="text/csv")
         response.headers["Content-Disposition"] = f'attachment; filename="skinscan-{job.id}.csv"'
         return response
-    limit = _int_arg("limit", 1000, 1, 10_000)
-    offset = _int_arg("offset", 0, 0, 100_000_000)
+    limit = int_arg("limit", 1000, 1, 10_000, strict=True)
+    offset = int_arg("offset", 0, 0, 100_000_000, strict=True)
     history = request.args.get("history", "false").lower() in ("1", "true", "yes")
     rows = rows_for(session, job_images(session, job, limit, offset), job, history=history)
     return jsonify({"job": job_summary(job), "offset": offset, "limit": limit, "total": job.total,
@@ -190,24 +234,28 @@ def job_results(job_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/jobs/<job_id>/metrics")
+@doc(JobMetricsSchema, errors=(409,))
 @require_api_key
 def job_metrics(job_id: str):  # type: ignore[no-untyped-def]
     """Class distribution and counts; with labels, accuracy, balanced accuracy, per-class figures, AUC."""
-    job = get_job(job_id)
+    job = owned_job(job_id)
     session = db()
     row = session.get(JobMetrics, (job.id, job.model_version)) if job.model_version else None
     if row is None:
-        if job.status in ("done", "failed"):
+        if job.status in ("done", "failed", "cancelled"):
             raise ApiError("metrics are not available for this job", 404)
         raise ApiError(f"metrics are computed when the job is done (now {job.status})", 409)
     audit.record(session, "job.view_metrics", g.actor, job.clinic_id, "job", job.id)
     session.commit()
-    return jsonify({"job": job_summary(job), "metrics": row.metrics})
+    from worker.job_metrics import null_unsupported  # per-class figures over no image are null (older rows too)
+
+    return jsonify({"job": job_summary(job), "metrics": null_unsupported(dict(row.metrics))})
 
 
 @bp.get("/openapi.json")
+@doc(description="the OpenAPI 3 document")
 def openapi():  # type: ignore[no-untyped-def]
-    """The OpenAPI 3 document describing this API."""
+    """The OpenAPI 3 document describing this API, generated from its routes."""
     from web.openapi import spec
 
-    return jsonify(spec())
+    return jsonify(spec(current_app))

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.imaging import ACCEPTED_FORMATS, ImageError, sniff_format, strip_metadata
-from skinscan.labels import GroundTruth, LabelFileError, image_id_of, parse_ground_truth
+from skinscan.labels import GroundTruth, LabelFileError, LabelMatch, image_id_of, match_labels, parse_ground_truth
 from skinscan.orphans import UploadIntent, begin_upload, discard_upload, end_upload
 from skinscan.registry import ensure_production_model
 from skinscan.settings import Settings
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif"}
 UPLOAD_INTENTS = "skinscan.upload_intents"  # session.info key: the intents of this request's uploads
+JOB_NAME_MAX = 200
 
 
 class UploadError(ValueError):
@@ -52,6 +53,7 @@ class IntakeResult:
     job: Job
     accepted: int
     rejected: list[Rejected] = field(default_factory=list)
+    labels: LabelMatch | None = None
 
 
 def clean_filename(name: str) -> str:
@@ -62,6 +64,12 @@ def clean_filename(name: str) -> str:
         stem, dot, ext = name.rpartition(".")
         name = (stem[: 250 - len(ext)] + "~." + ext) if dot and len(ext) <= 10 else name[:255]
     return name
+
+
+def clean_job_name(name: str | None) -> str | None:
+    """Return a batch name fit to store and show (printable, single spaces, <= 200 chars), or None when blank."""
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in unicodedata.normalize("NFC", name or "")).split())
+    return text[:JOB_NAME_MAX] or None
 
 
 def iter_zip(
@@ -131,10 +139,10 @@ def parse_labels(data: bytes | None) -> GroundTruth | None:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UploadError("labels file: not UTF-8 text", 400) from None
+        raise UploadError("labels file: not UTF-8 text (save it as a UTF-8 CSV file)", 400) from None
     try:
         return parse_ground_truth(text)
-    except LabelFileError as exc:
+    except LabelFileError as exc:  # one sentence naming the line
         raise UploadError(f"labels file: {exc}", 400,
                           [{"line": exc.line, "error": str(exc)}] if exc.line else None) from None
 
@@ -184,42 +192,58 @@ def add_images(
                           storage_key=key, sha256=digest, size=size, content_type=ctype, status="pending"))
         accepted += 1
         position += 1
+    job.refused = (job.refused or 0) + len(rejected)
     job.updated_at = utcnow()  # an upload in parts is alive; the stale-upload sweeper goes by this
     end_upload(session, intent)
     return accepted, rejected
 
 
-def apply_labels(session: Session, job: Job, truth: GroundTruth) -> None:
-    """Attach true labels to a job's images by image id; 400 naming any labels row with no matching file."""
-    images = session.query(ImageRecord).filter(ImageRecord.job_id == job.id).all()
+def apply_labels(session: Session, job: Job, truth: GroundTruth) -> LabelMatch:
+    """Attach true labels to the job's images by image id; rows for other images are counted, never refused.
+
+    Images without a row stay unlabelled. The job is marked labelled only when at least one image matched.
+    """
+    images = session.query(ImageRecord).filter(ImageRecord.job_id == job.id,
+                                               ImageRecord.storage_key.is_not(None)).all()  # not refused files
     by_id: dict[str, list[ImageRecord]] = {}
     for img in images:
         by_id.setdefault(image_id_of(img.filename), []).append(img)
-    unknown = [i for i in truth.labels if i not in by_id]
-    if unknown:
-        first = unknown[0]
-        raise UploadError(
-            f"labels file line {truth.lines.get(first)}: image id {first!r} matches no uploaded file"
-            + (f" ({len(unknown)} such rows)" if len(unknown) > 1 else ""), 400,
-            [{"line": truth.lines.get(i), "image_id": i, "error": "no uploaded file with this image id"}
-             for i in unknown[:50]],
-        )
-    for image_id, label in truth.labels.items():
+    match = match_labels(truth, set(by_id))
+    for image_id, label in match.labels.items():
         for img in by_id[image_id]:
             img.true_label = label
-    job.labels_format, job.known_labels = truth.format, list(truth.known_labels)
+    if match.labels:
+        job.labels_format, job.known_labels = truth.format, list(truth.known_labels)
+    if match.unmatched_rows:
+        log.info("job %s: %s", job.id, match.summary())
+    return match
+
+
+def fail_job(session: Session, job: Job, reason: str) -> None:
+    """Record that a job could not start: status failed with the reason, its pending images failed too.
+
+    The images stay stored until the job is deleted; nothing is left looking as if it were still uploading.
+    """
+    session.query(ImageRecord).filter(ImageRecord.job_id == job.id, ImageRecord.status == "pending").update(
+        {"status": "failed", "error": "the job did not start"}, synchronize_session=False)
+    session.flush()
+    statuses = [s for (s,) in session.query(ImageRecord.status).filter(ImageRecord.job_id == job.id).all()]
+    job.total, job.scored, job.failed = len(statuses), statuses.count("scored"), statuses.count("failed")
+    job.status, job.error = "failed", reason[:2000]
+    job.finished_at = job.updated_at = utcnow()
 
 
 def create_job(
     session: Session, storage: Storage, clinic: Clinic, files: list[tuple[str, IO[bytes]]],
-    labels: bytes | None, settings: Settings, actor: str, finalize: bool = True,
+    labels: bytes | None, settings: Settings, actor: str, finalize: bool = True, name: str | None = None,
 ) -> IntakeResult:
     """Store the upload's images and commit the job with all its rows in one transaction (not enqueued)."""
     truth = parse_labels(labels)
     job_id = new_id()
     intent = begin_upload(settings, clinic.id, job_id)  # committed before this session writes (SQLite: one writer)
     model = ensure_production_model(session, settings)
-    job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version)
+    job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version,
+              name=clean_job_name(name))
     session.add(job)
     session.flush()
     accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings, intent=intent)
@@ -229,22 +253,39 @@ def create_job(
         message = "no image could be accepted" if rejected else "no files in the upload (field 'files')"
         raise UploadError(message, status, [r.__dict__ for r in rejected])
     session.flush()
-    if truth is not None:
-        apply_labels(session, job, truth)
+    match = apply_labels(session, job, truth) if truth is not None else None
     audit.record(session, "job.create", actor, clinic.id, "job", job.id,
-                 {"accepted": accepted, "rejected": len(rejected), "labels": truth.format if truth else None})
+                 {"accepted": accepted, "rejected": len(rejected), "labels": truth.format if truth else None,
+                  **(label_details(match) if match else {})})
     if finalize:
         finalize_job(session, job)
-    return IntakeResult(job, accepted, rejected)
+    return IntakeResult(job, accepted, rejected, match)
+
+
+def upload_refusals(session: Session, job: Job, limit: int = 200) -> tuple[int, list[tuple[str, str]]]:
+    """Return how many files of a job were refused at upload (never stored) and the first `limit` (name, reason).
+
+    A refused file keeps a row (so exports list it) but is not one of the job's images: the pages count it apart.
+    """
+    where = (ImageRecord.job_id == job.id, ImageRecord.status == "failed", ImageRecord.storage_key.is_(None))
+    count = session.query(ImageRecord).filter(*where).count()
+    rows = (session.query(ImageRecord.filename, ImageRecord.error).filter(*where)
+            .order_by(ImageRecord.position).limit(limit).all()) if count else []
+    return count, [(name, error or "refused") for name, error in rows]
+
+
+def label_details(match: LabelMatch) -> dict[str, object]:
+    """The label match as JSON for a response or an audit entry."""
+    return {"labelled": len(match.labels), "unlabelled": match.unlabelled,
+            "unmatched_label_rows": match.unmatched_rows, "labels_summary": match.summary()}
 
 
 def finalize_job(session: Session, job: Job) -> None:
     """Close a job for uploads: set its counters and status to queued (the caller commits, then enqueues)."""
     session.flush()
-    images = session.query(ImageRecord.status).filter(ImageRecord.job_id == job.id).all()
-    job.total = len(images)
-    job.failed = sum(1 for (s,) in images if s == "failed")
-    job.scored = 0
+    images = [s for (s,) in session.query(ImageRecord.status).filter(ImageRecord.job_id == job.id).all()]
+    # parts are scored while later ones upload: some images may be finished already
+    job.total, job.scored, job.failed = len(images), images.count("scored"), images.count("failed")
     job.status = "queued"
     job.updated_at = utcnow()
 
@@ -256,11 +297,14 @@ def discard_stored(session: Session, storage: Storage) -> None:
     discard_upload(session, storage, intents)
 
 
-def enqueue_committed(session: Session, job: Job, settings: Settings) -> None:
-    """Send a committed job's chunks to the workers; a broker outage is logged (the stalled-job sweeper resends)."""
-    from worker.dispatch import enqueue_job
+def enqueue_committed(session: Session, job: Job, settings: Settings, closed: bool = True) -> None:
+    """Send a committed part's (or job's) chunks to the workers; once the job is `closed` for uploads, have it
+    finished if nothing is left pending. A broker outage is logged (the stalled-job sweeper resends)."""
+    from worker.dispatch import enqueue_job, finish_if_complete
 
     try:
         enqueue_job(session, job.id, settings)
+        if closed:
+            finish_if_complete(session, job.id, settings)
     except Exception:  # noqa: BLE001 - the job is committed; it is requeued later
         log.exception("job %s committed but not enqueued; it will be requeued", job.id)

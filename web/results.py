@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -14,10 +14,19 @@ from sqlalchemy.orm import Session
 from skinscan.csvsafe import csv_row
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
+from skinscan.reviews import current_reviews
 from skinscan.tables import ImageRecord, Job, Prediction
+from web.referral import OperatingPoint, deployment_sensitivity, flag_reason, operating_point
+from web.risk_order import results_version, risk_ordered_images
 
-CSV_COLUMNS = ["image_id", "filename", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
-               "malignancy_score", "flagged", "model_version", "true_label", "error"]
+CSV_COLUMNS = ["image_id", "filename", "risk_rank", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
+               "malignancy_score", "flagged", "flag_reason", "model_version", "true_label", "error",
+               "review_decision", "review_diagnosis", "reviewed_by", "reviewed_at"]
+
+
+def _iso(value: datetime) -> str:
+    """ISO 8601 with a UTC offset (SQLite gives back naive datetimes; they are stored in UTC)."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def _current(preds: list[Prediction], preferred: list[str | None]) -> Prediction | None:
@@ -28,18 +37,24 @@ def _current(preds: list[Prediction], preferred: list[str | None]) -> Prediction
     return max(preds, key=lambda p: p.created_at) if preds else None
 
 
-def rows_for(session: Session, images: list[ImageRecord], job: Job, history: bool = False) -> list[dict[str, Any]]:
-    """Return result rows for images: the production model's prediction if it has one, else the job's."""
+def rows_for(session: Session, images: list[ImageRecord], job: Job, history: bool = False,
+             version: str | None = None) -> list[dict[str, Any]]:
+    """Return result rows for images: the given version's prediction if it has one, else production's, else the
+    job's; each with why it was flagged. A cancelled image shows no prediction (it was not scored)."""
     ids = [i.id for i in images]
     preds: dict[str, list[Prediction]] = {}
     if ids:
         for p in session.scalars(select(Prediction).where(Prediction.image_id.in_(ids))):
             preds.setdefault(p.image_id, []).append(p)
     prod = production_model(session)
-    preferred = [prod.version if prod else None, job.model_version]
+    preferred = [version, prod.version if prod else None, job.model_version]
+    points: dict[str, OperatingPoint | None] = {}
+    reviews = current_reviews(session, ids)
     rows = []
     for img in images:
-        current = _current(preds.get(img.id, []), preferred)
+        current = _current(preds.get(img.id, []), preferred) if img.status != "cancelled" else None
+        if current is not None and current.model_version not in points:
+            points[current.model_version] = operating_point(session, current.model_version, deployment_sensitivity())
         row: dict[str, Any] = {
             "image_id": img.id, "filename": img.filename, "status": img.status,
             "predicted_label": current.label if current else None,
@@ -47,9 +62,18 @@ def rows_for(session: Session, images: list[ImageRecord], job: Job, history: boo
             "confidence": current.confidence if current else None,
             "malignancy_score": current.malignancy if current else None,
             "flagged": current.flagged if current else None,
+            "flag_reason": flag_reason(current.flagged, current.malignancy, current.confidence,
+                                       points[current.model_version]) if current else "",
             "model_version": current.model_version if current else None,
             "true_label": img.true_label, "error": img.error if img.status == "failed" else None,
         }
+        review = reviews.get(img.id)  # the clinician's current (latest) review; re-scoring never changes it
+        row.update({
+            "review_decision": review.decision if review else None,
+            "review_diagnosis": review.diagnosis if review else None,
+            "reviewed_by": review.reviewer if review else None,
+            "reviewed_at": _iso(review.created_at) if review else None,
+        })
         if history:
             row["history"] = [
                 {"model_version": p.model_version, "predicted_label": p.label, "malignancy_score": p.malignancy,
@@ -73,27 +97,39 @@ def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
-    offset = 0
-    while True:
-        images = job_images(session, job, page, offset)
-        if not images:
-            break
-        for r in rows_for(session, images, job):
+    for rows in ranked_rows(session, job, page):
+        for r in rows:
             probs = r["probabilities"] or {}
             writer.writerow(csv_row([  # file names, labels and errors come from the clinic: no formulas
-                r["image_id"], r["filename"], r["status"], r["predicted_label"] or "",
+                r["image_id"], r["filename"], r["risk_rank"], r["status"], r["predicted_label"] or "",
                 *[f"{probs[c]:.6f}" if c in probs else "" for c in CLASSES],
                 "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
-                "" if r["flagged"] is None else int(r["flagged"]), r["model_version"] or "",
+                "" if r["flagged"] is None else int(r["flagged"]), r["flag_reason"], r["model_version"] or "",
                 r["true_label"] or "", r["error"] or "",
+                r["review_decision"] or "", r["review_diagnosis"] or "", r["reviewed_by"] or "", r["reviewed_at"] or "",
             ]))
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()
-        offset += page
     rest = buf.getvalue()
     if rest:
         yield rest
+
+
+def ranked_rows(session: Session, job: Job, page: int = 500) -> Iterator[list[dict[str, Any]]]:
+    """Yield a job's result rows a page at a time in the risk order of its page (rank 1 = highest malignancy
+    score under the shown model version), each with its `risk_rank`."""
+    version = results_version(session, job)
+    offset = 0
+    while True:
+        ranked = risk_ordered_images(session, job, version, page, offset)
+        if not ranked:
+            return
+        rows = rows_for(session, [image for image, _ in ranked], job, version=version)
+        for row, (_, rank) in zip(rows, ranked, strict=True):
+            row["risk_rank"] = rank
+        yield rows
+        offset += page
 
 
 def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
@@ -104,12 +140,16 @@ def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
         return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat()
 
     body: dict[str, Any] = {
-        "id": job.id, "status": job.status, "kind": job.kind,
-        "counts": {"total": job.total, "scored": job.scored, "failed": job.failed},
+        "id": job.id, "name": job.name, "status": job.status, "kind": job.kind,
+        # one count everywhere: total = images accepted; files refused at upload are counted apart
+        "counts": {"total": job.total - job.refused, "scored": job.scored, "failed": job.failed - job.refused,
+                   "refused": job.refused},
         "progress": job.progress, "model_version": job.model_version,
         "created_at": ts(job.created_at), "started_at": ts(job.started_at), "finished_at": ts(job.finished_at),
         "has_labels": job.labels_format is not None, "error": job.error,
     }
+    if job.status == "cancelled":  # images the cancellation left unscored
+        body["counts"]["cancelled"] = job.total - job.scored - job.failed
     if status_url:
         body["status_url"] = status_url
     return body

@@ -18,7 +18,8 @@ def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
     rows = session.execute(
         select(ImageRecord.true_label, Prediction.label, Prediction.probabilities, Prediction.flagged)
         .join(Prediction, Prediction.image_id == ImageRecord.id)
-        .where(ImageRecord.job_id == job.id, Prediction.model_version == job.model_version)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == job.model_version,
+               ImageRecord.status == "scored")  # a cancelled image's late prediction is not a result
     ).all()
     distribution = Counter(r.label for r in rows)
     metrics: dict[str, Any] = {
@@ -39,4 +40,32 @@ def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
         metrics.update({k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc", "per_class",
                                                "melanoma", "malignant_auc", "ece", "confusion_matrix",
                                                "known_labels", "n_images")})
+        metrics["confusion_matrix_classes"] = list(CLASSES)
+        null_unsupported(metrics)
+    return metrics
+
+
+def null_unsupported(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Set per-class recall to None where a class has no labelled image, precision where none was predicted as it.
+
+    A figure over zero images is undefined, not 0.0; F1 is None with recall. Works on stored metrics too (from
+    before this rule): the counts come from the confusion matrix (rows: true label, columns: prediction, CLASSES order).
+    """
+    matrix = metrics.get("confusion_matrix")
+    per_class = metrics.get("per_class")
+    if not matrix or not per_class:
+        return metrics
+    order = metrics.get("confusion_matrix_classes") or list(CLASSES)
+    metrics["confusion_matrix_classes"] = list(order)
+    metrics["per_class"] = per_class = {name: dict(figures) for name, figures in per_class.items()}  # a copy
+    for i, name in enumerate(order):
+        figures = per_class.get(name)
+        if figures is None or i >= len(matrix):
+            continue
+        if sum(matrix[i]) == 0:
+            figures["recall"] = None
+        if sum(row[i] for row in matrix if i < len(row)) == 0:
+            figures["precision"] = None
+        if figures.get("recall") is None:  # never predicted but labelled: recall 0, so F1 0 stays
+            figures["f1"] = None
     return metrics

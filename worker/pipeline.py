@@ -11,8 +11,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from skinscan.bundle_store import local_bundle
 from skinscan.db import session_scope
-from skinscan.registry import bundle_path_for
+from skinscan.registry import bundle_ref
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError, get_storage
 from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction, utcnow
@@ -60,11 +61,12 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
     """Mark the job running and fail the chunk's images already tried MAX_ATTEMPTS times, with the reason.
 
     Returns the job's model version and the (image id, storage key, attempts so far) of the images still
-    pending, least-tried first; the version is None when the job is gone, finished or still uploading.
+    pending, least-tried first; the version is None when the job is gone or finished. A job still uploading is
+    scored part by part and stays uploading (refresh_job finishes a job only once it is closed for uploads).
     """
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
-        if job is None or job.status in ("done", "failed", "uploading"):
+        if job is None or job.status in ("done", "failed", "cancelled"):
             return None, []
         if job.status == "queued":
             job.status, job.started_at = "running", job.started_at or utcnow()
@@ -170,7 +172,8 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
         refresh_job(job_id, settings)
         return 0
     with session_scope(settings) as session:
-        path = bundle_path_for(session, version)
+        ref = bundle_ref(session, version)
+    path = local_bundle(ref, settings)  # fetched from object storage into this machine's cache, verified
     scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
                         referral_sensitivity=settings.referral_sensitivity)
     storage = get_storage(settings)

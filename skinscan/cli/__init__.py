@@ -8,10 +8,13 @@ import logging
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    """Log INFO and up (DEBUG with -v); library chatter (Alembic's steps) only with -v."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -40,7 +43,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every `skinscan` sub-command."""
     parser = argparse.ArgumentParser(prog="skinscan", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from skinscan.cli.service import add_service_commands
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
 
-    from training.train import add_arguments as train_arguments
+    # Only the options here: torch and the training code are imported by the command itself (fast --help).
+    from training.config import add_arguments as train_arguments
 
     p = sub.add_parser("train", help="train a classifier and write a model bundle")
     train_arguments(p)
@@ -67,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: torch on a GPU, else ONNX Runtime when the bundle has model.onnx")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: %(default)s)")
     p.add_argument("--split-file", default=None,
                    help="splits.csv of a training run: evaluate only the images of --split (lesion-grouped)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="which split of --split-file to evaluate (default: %(default)s)")
     p.add_argument("--record", action="store_true",
                    help="store a summary in the bundle's metadata.json under metrics.evaluations.<name>")
     p.add_argument("--name", default=None,

@@ -9,10 +9,19 @@ import os
 import secrets
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-from skinscan.settings import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from skinscan.settings import Settings
 
 log = logging.getLogger("skinscan")
+
+
+def load_settings() -> Settings:
+    """Read the settings; imported here so that `skinscan --help` does not load the settings machinery."""
+    from skinscan.settings import load_settings as load
+
+    return load()
 
 
 def _check_model(settings: Settings) -> None:
@@ -28,7 +37,7 @@ def _check_model(settings: Settings) -> None:
             f"no usable model bundle: {exc}\nSet SKINSCAN_MODEL to a bundle folder written by `skinscan train` "
             "(or reinstall SkinScan, which ships a default bundle)."
         ) from None
-    log.info("model bundle %s (%s)", bundle.version, path)
+    log.debug("model bundle %s (%s)", bundle.version, path)
 
 
 def _prepare_database(settings: Settings) -> None:
@@ -42,7 +51,7 @@ def _prepare_database(settings: Settings) -> None:
 
 
 def requeue_unfinished(settings: Settings) -> int:
-    """Enqueue every queued or running job again (after a restart of the embedded service)."""
+    """Enqueue every open job's pending images again (after a restart of the embedded service)."""
     from sqlalchemy import select
 
     from skinscan.db import session_scope
@@ -51,10 +60,60 @@ def requeue_unfinished(settings: Settings) -> int:
 
     n = 0
     with session_scope(settings) as session:
-        ids = list(session.scalars(select(Job.id).where(Job.status.in_(("queued", "running")))))
+        ids = list(session.scalars(select(Job.id).where(Job.status.in_(("uploading", "queued", "running")))))
         for job_id in ids:
-            n += enqueue_job(session, job_id, settings)
+            n += enqueue_job(session, job_id, settings, resend=True)
     return n
+
+
+def _sign_in_help(settings: Settings, url: str) -> str:
+    """Tell how to sign in to the web pages: the first clinic and user to create, or where to sign in."""
+    from sqlalchemy import func, select
+
+    from skinscan.db import session_scope
+    from skinscan.tables import Clinic, User
+
+    with session_scope(settings) as session:
+        users = session.scalar(select(func.count()).select_from(User)) or 0
+        clinic = session.scalars(select(Clinic.name).order_by(Clinic.created_at)).first()
+    if users:
+        return (f"Sign in at {url}signin with a web user's email and password (`skinscan users list` shows them; "
+                "`skinscan users reset-password EMAIL` sets a new password).")
+    me = command_name()
+    first = "" if clinic else f'{me} clinics create "My Clinic"\n    '
+    return (f"No web user exists yet. To sign in at {url}signin, create one in another terminal "
+            f"(it asks for a password):\n    {first}{me} users create {_quote(clinic or 'My Clinic')} "
+            "you@example.org")
+
+
+def command_name() -> str:
+    """How the user started this command line: `skinscan` when it is on PATH, else the path they typed."""
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "skinscan"
+    if os.path.basename(argv0) != "skinscan":
+        return "skinscan"  # python -m skinscan.cli, or a test harness
+    found = shutil.which("skinscan")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "skinscan"
+    return argv0
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text) if " " not in text or '"' in text else f'"{text}"'
+
+
+def _quiet_embedded_worker() -> None:
+    """`serve` runs its worker in-process on a memory broker: Celery's "running as root" advice and the broker's
+    connection chatter are not for its user (-v shows the chatter)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(?s).*running the worker with superuser privileges")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("kombu.connection", "celery.worker.consumer.connection", "celery.worker.consumer.mingle"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -72,12 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     server = make_server(args.host, args.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="web", daemon=True).start()
-    log.info("SkinScan at http://%s:%d/ (data in %s); Ctrl+C to stop", args.host, server.server_port,
-             settings.data_dir)
-    print(f"SkinScan running at http://{args.host}:{server.server_port}/", flush=True)  # noqa: T201
+    url = f"http://{args.host}:{server.server_port}/"
+    log.debug("SkinScan at %s (data in %s)", url, settings.data_dir)
+    print(f"SkinScan running at {url} (data in {settings.data_dir}); Ctrl+C to stop.\n"  # noqa: T201
+          f"{_sign_in_help(settings, url)}", flush=True)
     requeue_unfinished(settings)
+    _quiet_embedded_worker()
     try:
-        celery_app.worker_main(["worker", "--pool", "solo", "--queues", "skinscan,rescore",
+        celery_app.worker_main(["--quiet", "worker", "--pool", "solo", "--queues", "skinscan,rescore",
                                 "--loglevel", settings.log_level, "--without-heartbeat", "--without-gossip",
                                 "--without-mingle"])
     finally:
@@ -170,8 +231,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _actor() -> str:
+    """The audit actor of a command-line change: cli:<login name>."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
 def cmd_clinics_create(args: argparse.Namespace) -> int:
-    """Create a clinic and print its API key on the last line."""
+    """Create a clinic and print its API key, labelled, on the last line."""
     from sqlalchemy import select
 
     from skinscan import audit
@@ -185,31 +254,62 @@ def cmd_clinics_create(args: argparse.Namespace) -> int:
         clinic = session.scalars(select(Clinic).where(Clinic.name == args.name)).first()
         if clinic is not None and not args.new_key:
             raise SystemExit(f"clinic {args.name!r} exists; pass --new-key to issue another key")
+        created = clinic is None
         if clinic is None:
             clinic = Clinic(name=args.name)
             session.add(clinic)
             session.flush()
         key = create_api_key(session, clinic)
-        audit.record(session, "clinic.key_created", "cli", clinic.id, "clinic", clinic.id)
-    log.info("clinic %s: API key created (shown once)", args.name)
-    print(key)  # noqa: T201 - the key is the command's output
+        audit.record(session, "clinic.key_created", _actor(), clinic.id, "clinic", clinic.id)
+    log.debug("clinic %s: API key created", args.name)
+    what = "created" if created else "has a new API key"
+    print(f"Clinic {args.name!r} {what}. The key is shown once: keep it somewhere safe; "  # noqa: T201
+          "`skinscan submit` reads it from SKINSCAN_API_KEY.")
+    print(f"API key: {key}")  # noqa: T201 - the key is the command's output
     return 0
 
 
-def cmd_users_create(args: argparse.Namespace) -> int:
-    """Add a user who signs in to the web pages for a clinic."""
-    from sqlalchemy import select
+def _fmt_time(value: object) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if hasattr(value, "strftime") else "-"
 
-    from skinscan import audit
+
+def cmd_clinics_list(_args: argparse.Namespace) -> int:
+    """List the clinics with their active API keys, web users and jobs."""
+    from sqlalchemy import func, select
+
     from skinscan.db import session_scope
-    from skinscan.security import hash_password
-    from skinscan.tables import Clinic, User
+    from skinscan.migrate import upgrade
+    from skinscan.tables import ApiKey, Clinic, Job, User
 
-    if args.password is not None:
+    settings = load_settings()
+    upgrade(settings)
+    with session_scope(settings) as session:
+        def per_clinic(model: type[ApiKey] | type[User] | type[Job], *where: object) -> dict[str, int]:
+            query = (select(model.clinic_id, func.count())
+                     .where(*where).group_by(model.clinic_id))  # type: ignore[arg-type]
+            return {clinic_id: n for clinic_id, n in session.execute(query).all()}
+
+        keys = per_clinic(ApiKey, ApiKey.revoked_at.is_(None))
+        users = per_clinic(User)
+        jobs = per_clinic(Job)
+        clinics = list(session.scalars(select(Clinic).order_by(Clinic.name)))
+        if not clinics:
+            print('No clinics yet: create one with `skinscan clinics create "My Clinic"`.')  # noqa: T201
+            return 0
+        width = max(len("Clinic"), *(len(c.name) for c in clinics))
+        print(f"{'Clinic':<{width}}  {'Keys':>4}  {'Users':>5}  {'Jobs':>5}  Created")  # noqa: T201
+        for c in clinics:
+            print(f"{c.name:<{width}}  {keys.get(c.id, 0):>4}  {users.get(c.id, 0):>5}  "  # noqa: T201
+                  f"{jobs.get(c.id, 0):>5}  {_fmt_time(c.created_at)}")
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """Return (password, generated): from standard input, SKINSCAN_USER_PASSWORD, a prompt, or generated."""
+    if getattr(args, "password", None) is not None:
         raise SystemExit("--password is no longer accepted: a password on the command line is visible to every "
                          "user of the machine (ps, /proc); pipe it in with --password-stdin, or leave both out "
                          "to be asked for it")
-    settings = load_settings()
     generated = False
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -226,6 +326,22 @@ def cmd_users_create(args: argparse.Namespace) -> int:
             password, generated = secrets.token_urlsafe(12), True
     if len(password) < 8:
         raise SystemExit("the password must be at least 8 characters")
+    return password, generated
+
+
+def cmd_users_create(args: argparse.Namespace) -> int:
+    """Add a user who signs in to the web pages for a clinic."""
+    from sqlalchemy import select
+
+    from skinscan import audit
+    from skinscan.db import session_scope
+    from skinscan.migrate import upgrade
+    from skinscan.security import hash_password
+    from skinscan.tables import Clinic, User
+
+    password, generated = _read_password(args)
+    settings = load_settings()
+    upgrade(settings)
     with session_scope(settings) as session:
         clinic = session.scalars(select(Clinic).where(Clinic.name == args.clinic)).first()
         if clinic is None:
@@ -233,32 +349,91 @@ def cmd_users_create(args: argparse.Namespace) -> int:
         if session.scalars(select(User).where(User.email == args.email.lower())).first():
             raise SystemExit(f"a user {args.email!r} exists already")
         session.add(User(clinic_id=clinic.id, email=args.email.lower(), password_hash=hash_password(password)))
-        audit.record(session, "user.create", "cli", clinic.id, "user", args.email.lower())
+        audit.record(session, "user.create", _actor(), clinic.id, "user", args.email.lower())
     if generated:
         print(f"password: {password}")  # noqa: T201 - shown once
-    log.info("user %s added to clinic %s", args.email, args.clinic)
+    print(f"User {args.email.lower()} added to clinic {args.clinic!r}; "  # noqa: T201
+          "they sign in with it on the web pages.")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    """List the web users (email, clinic, created), optionally of one clinic."""
+    from sqlalchemy import select
+
+    from skinscan.db import session_scope
+    from skinscan.migrate import upgrade
+    from skinscan.tables import Clinic, User
+
+    settings = load_settings()
+    upgrade(settings)
+    with session_scope(settings) as session:
+        query = select(User.email, Clinic.name, User.created_at).join(Clinic, Clinic.id == User.clinic_id)
+        if args.clinic:
+            if session.scalars(select(Clinic.id).where(Clinic.name == args.clinic)).first() is None:
+                raise SystemExit(f"no clinic named {args.clinic!r} (`skinscan clinics list` shows them)")
+            query = query.where(Clinic.name == args.clinic)
+        rows = session.execute(query.order_by(Clinic.name, User.email)).all()
+    if not rows:
+        print("No web users yet: add one with `skinscan users create CLINIC EMAIL`.")  # noqa: T201
+        return 0
+    width = max(len("Email"), *(len(r[0]) for r in rows))
+    print(f"{'Email':<{width}}  {'Created':<16}  Clinic")  # noqa: T201
+    for email, clinic, created in rows:
+        print(f"{email:<{width}}  {_fmt_time(created):<16}  {clinic}")  # noqa: T201
+    return 0
+
+
+def cmd_users_reset_password(args: argparse.Namespace) -> int:
+    """Set a new password for a web user (signs them out everywhere); audited."""
+    from sqlalchemy import select
+
+    from skinscan import audit
+    from skinscan.db import session_scope
+    from skinscan.migrate import upgrade
+    from skinscan.security import hash_password
+    from skinscan.tables import User
+
+    settings = load_settings()
+    upgrade(settings)
+    email = args.email.strip().lower()
+    with session_scope(settings) as session:  # the user must exist before a password is asked for
+        if session.scalars(select(User.id).where(User.email == email)).first() is None:
+            raise SystemExit(f"no user {args.email!r} (`skinscan users list` shows them)")
+    password, generated = _read_password(args)
+    with session_scope(settings) as session:
+        user = session.scalars(select(User).where(User.email == email)).one()
+        user.password_hash = hash_password(password)
+        audit.record(session, "user.password_reset", _actor(), user.clinic_id, "user", email)
+    if generated:
+        print(f"password: {password}")  # noqa: T201 - shown once
+    print(f"Password of {email} changed; their open web sessions are signed out.")  # noqa: T201
     return 0
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the service sub-commands on the `skinscan` parser."""
-    p = sub.add_parser("serve", help="embedded all-in-one service (web + worker, SQLite, local images)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    port = int(os.environ.get("PORT", "8000"))
+    p = sub.add_parser("serve", help="embedded all-in-one service (web + worker, SQLite, local images)",
+                       description="Run the web pages, the API and a scoring worker in one process, with the data "
+                                   "in SKINSCAN_DATA_DIR (SQLite, local image folder). Prints how to sign in.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine)")
+    p.add_argument("--port", type=int, default=port, help="port to listen on (default: $PORT or 8000)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="production web server (gunicorn)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")))
-    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=port, help="port to listen on (default: $PORT or 8000)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
+                   help="gunicorn worker processes (default: $WEB_CONCURRENCY or 2)")
+    p.add_argument("--threads", type=int, default=4, help="threads per worker process (default: %(default)s)")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("worker", help="production Celery worker")
     p.add_argument("--concurrency", type=int, default=0,
                    help="processes (default: 1 per GPU, else 1 per core the worker is given)")
-    p.add_argument("--queues", default="skinscan,rescore")
-    p.add_argument("--hostname", default="skinscan@%h")
+    p.add_argument("--queues", default="skinscan,rescore", help="Celery queues to consume (default: %(default)s)")
+    p.add_argument("--hostname", default="skinscan@%h", help="Celery node name (default: %(default)s)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("beat", help="Celery beat (nightly re-scoring, stalled-job sweeper)")
@@ -274,33 +449,47 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     p.set_defaults(func=cmd_sweep_orphans)
 
     p = sub.add_parser("migrate", help="upgrade the database schema")
-    p.add_argument("--revision", default="head")
-    p.add_argument("--downgrade", default=None, metavar="REVISION")
+    p.add_argument("--revision", default="head", help="schema revision to upgrade to (default: %(default)s)")
+    p.add_argument("--downgrade", default=None, metavar="REVISION", help="downgrade to this revision instead")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("clinics", help="manage clinics")
+    p = sub.add_parser("clinics", help="create and list clinics (API keys)")
     csub = p.add_subparsers(dest="clinics_command", required=True)
-    c = csub.add_parser("create", help="create a clinic; prints its API key on the last line")
-    c.add_argument("name")
+    c = csub.add_parser("create", help="create a clinic; prints its API key, labelled, on the last line")
+    c.add_argument("name", help="the clinic's name (quote it if it has spaces)")
     c.add_argument("--new-key", action="store_true", help="issue another key for an existing clinic")
-    c.add_argument("--no-migrate", dest="migrate", action="store_false")
+    c.add_argument("--no-migrate", dest="migrate", action="store_false",
+                   help="do not bring the database schema up to date first")
     c.set_defaults(func=cmd_clinics_create)
+    c = csub.add_parser("list", help="list the clinics with their numbers of active keys, web users and jobs")
+    c.set_defaults(func=cmd_clinics_list)
 
-    p = sub.add_parser("users", help="manage web users")
+    p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)
-    u = usub.add_parser("create", help="add a user to a clinic")
-    u.add_argument("clinic")
-    u.add_argument("email")
-    u.add_argument("--password-stdin", action="store_true",
-                   help="read the password from the first line of standard input (else SKINSCAN_USER_PASSWORD, "
-                        "a prompt on a terminal, or a generated one that is printed once)")
+    password_help = ("read the password from the first line of standard input (else SKINSCAN_USER_PASSWORD, "
+                     "a prompt on a terminal, or a generated one that is printed once)")
+    u = usub.add_parser("create", help="add a user who signs in to the web pages for a clinic")
+    u.add_argument("clinic", help="the clinic's name, as given to `skinscan clinics create`")
+    u.add_argument("email", help="the user's email address: their sign-in name")
+    u.add_argument("--password-stdin", action="store_true", help=password_help)
     u.add_argument("--password", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     u.set_defaults(func=cmd_users_create)
+    u = usub.add_parser("list", help="list the web users and their clinics")
+    u.add_argument("--clinic", default=None, help="only the users of this clinic")
+    u.set_defaults(func=cmd_users_list)
+    u = usub.add_parser("reset-password", help="set a new password for a web user (their sessions end); audited")
+    u.add_argument("email", help="the user's email address")
+    u.add_argument("--password-stdin", action="store_true", help=password_help)
+    u.add_argument("--password", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
+    u.set_defaults(func=cmd_users_reset_password)
 
     from skinscan.cli.submit import add_arguments as submit_arguments
 
-    p = sub.add_parser("submit", help="upload a folder of images to a SkinScan server and save the results")
+    p = sub.add_parser("submit", help="upload a folder of images to a SkinScan server and save the results",
+                       description="Upload every image below FOLDER as one job, follow it while it is scored, "
+                                   "write the results CSV and print a summary. The API key is read from "
+                                   "SKINSCAN_API_KEY (so it stays out of the shell history).")
     submit_arguments(p)
 
 
-__all__ = ["add_service_commands", "ConfigError"]
+__all__ = ["add_service_commands", "load_settings"]

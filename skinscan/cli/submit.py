@@ -1,29 +1,106 @@
-"""`skinscan submit`: upload a folder of images to a SkinScan server in parts, follow the job, save results."""
+"""`skinscan submit`: upload a folder of images to a SkinScan server in parts, follow the job, save results.
+
+Exit codes: 0 the job was scored; 1 the job failed or the server refused it; 2 bad input here (folder, labels
+file, options); 3 no server at the address, or it refused the API key.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import logging
-import time
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
-from tqdm import tqdm
+if TYPE_CHECKING:  # requests and tqdm are imported when a submit runs, not for every `skinscan` command
+    import requests
 
 log = logging.getLogger(__name__)
 
 UPLOAD_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".zip")
+API_PREFIX = "/api/v1"
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_SERVER = 0, 1, 2, 3
 
 
 class SubmitError(RuntimeError):
-    """The server refused the upload or the job failed."""
+    """The server refused the upload or the job failed; carries the exit code to end with."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass
+class Summary:
+    """What a submit did, for the closing summary."""
+
+    job_id: str = ""
+    status: str = ""
+    name: str | None = None
+    accepted: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    scored: int = 0
+    not_scored: int = 0
+    flagged: int | None = None
+    labels: dict[str, Any] | None = None
+    error: str | None = None
+    results: Path | None = None
+    job_url: str = ""
+    uploading: bool = False  # the job exists and its upload is not finished
+
+    def lines(self) -> list[str]:
+        """The summary, a few lines long (refused files: the first five, then a count)."""
+        title = f"Job {self.job_id}" + (f" ({self.name})" if self.name else "") + f": {self.status}"
+        out = [title, f"  images accepted: {self.accepted:,}   scored: {self.scored:,}   "
+                      f"not scored: {self.not_scored:,}"
+               + ("" if self.flagged is None else f"   flagged for review: {self.flagged:,}")]
+        if self.refused:
+            out.append(f"  files refused at upload: {len(self.refused):,}")
+            out += [f"    {r.get('filename')}: {r.get('error')}" for r in self.refused[:5]]
+            if len(self.refused) > 5:
+                out.append(f"    …and {len(self.refused) - 5:,} more (listed in the results CSV)")
+        if self.labels:
+            out.append(f"  labels: {self.labels.get('labels_summary')}")
+        if self.error:
+            out.append(f"  error: {self.error}")
+        if self.results:
+            out.append(f"  results: {self.results}")
+        out.append(f"  job page: {self.job_url}")
+        return out
+
+
+def normalise_url(url: str) -> tuple[str, str | None]:
+    """Return (server base URL, note): adds http:// when no scheme is given, accepts a URL ending in /api/v1."""
+    text = url.strip()
+    note = None
+    if not text:
+        raise SubmitError("--url is empty; give the server's address, e.g. http://127.0.0.1:8000", EXIT_INPUT)
+    if "://" not in text:
+        text, note = "http://" + text, f"no http:// or https:// in --url {url!r}: using "
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise SubmitError(f"--url {url!r} must start with http:// or https://", EXIT_INPUT)
+    if not text.split("://", 1)[1].strip("/"):
+        raise SubmitError(f"--url {url!r} names no host", EXIT_INPUT)
+    base = text.rstrip("/")
+    if base.lower().endswith(API_PREFIX):
+        base = base[: -len(API_PREFIX)].rstrip("/")
+    return base, (f"{note}{base}" if note else None)
 
 
 def find_images(folder: Path) -> list[Path]:
     """Return the image (and zip) files below a folder, sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in UPLOAD_SUFFIXES)
+
+
+def find_csvs(folder: Path) -> list[Path]:
+    """Return the CSV files below a folder (a metadata or ground-truth file is not uploaded unless --labels)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".csv")
 
 
 def _parts(paths: list[Path], max_files: int, max_bytes: int) -> list[list[Path]]:
@@ -39,16 +116,55 @@ def _parts(paths: list[Path], max_files: int, max_bytes: int) -> list[list[Path]
     return [p for p in parts if p]
 
 
+def _problem(resp: requests.Response) -> str:
+    """One sentence from an error answer: the server's message and at most three of its details."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "error" not in body:
+        return f"the server answered HTTP {resp.status_code} (not a SkinScan API answer; is --url right?)"
+    message = str(body["error"]).rstrip(".")
+    details = [d for d in body.get("details") or [] if isinstance(d, dict)]
+    if details:
+        shown = "; ".join(f"{d.get('filename') or d.get('image_id') or 'line ' + str(d.get('line'))}: "
+                          f"{d.get('error')}" for d in details[:3])
+        message += f" ({shown}" + (f"; and {len(details) - 3:,} more)" if len(details) > 3 else ")")
+    return message
+
+
 def _check(resp: requests.Response) -> dict[str, Any]:
     if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            message = body.get("error", resp.text)
-            details = body.get("details")
-        except ValueError:
-            message, details = resp.text[:500], None
-        raise SubmitError(f"server answered {resp.status_code}: {message}" + (f" {details}" if details else ""))
-    return resp.json()
+        raise SubmitError(f"the server refused the request (HTTP {resp.status_code}): {_problem(resp)}")
+    try:
+        return resp.json()
+    except ValueError:
+        raise SubmitError(f"{resp.url} did not answer with JSON: is --url a SkinScan server?", EXIT_SERVER) from None
+
+
+def check_server(session: requests.Session, base: str) -> None:
+    """One cheap authenticated call: a clear sentence when nothing listens, it is no SkinScan, or the key is wrong."""
+    import requests
+
+    try:
+        resp = session.get(f"{base}{API_PREFIX}/jobs", params={"per_page": 1}, timeout=15)
+    except requests.exceptions.SSLError as exc:
+        raise SubmitError(f"TLS failed talking to {base}: {exc.__class__.__name__} (is it http:// rather than "
+                          "https://?)", EXIT_SERVER) from None
+    except (requests.ConnectionError, requests.Timeout):
+        raise SubmitError(f"no SkinScan server at {base}: is `skinscan serve` running?", EXIT_SERVER) from None
+    except requests.RequestException as exc:
+        raise SubmitError(f"cannot reach {base}: {exc.__class__.__name__}", EXIT_SERVER) from None
+    if resp.status_code == 401:
+        raise SubmitError(f"the server at {base} refused the API key: set SKINSCAN_API_KEY to a key printed by "
+                          "`skinscan clinics create` (a new one: `skinscan clinics create NAME --new-key`)",
+                          EXIT_SERVER)
+    if resp.status_code == 404:
+        raise SubmitError(f"{base} answered 404 for {API_PREFIX}/jobs: it is not a SkinScan server (check --url)",
+                          EXIT_SERVER)
+    body = _check(resp)
+    if "jobs" not in body:
+        raise SubmitError(f"{base} is not a SkinScan server (check --url)", EXIT_SERVER)
 
 
 def _post_files(session: requests.Session, url: str, paths: list[Path], data: dict[str, str]) -> dict[str, Any]:
@@ -57,73 +173,185 @@ def _post_files(session: requests.Session, url: str, paths: list[Path], data: di
         return _check(session.post(url, files=files, data=data, timeout=600))
 
 
+def _check_labels(labels: Path) -> None:
+    """Read the labels file here first: a malformed one is refused before anything is uploaded."""
+    from skinscan.labels import LabelFileError, parse_ground_truth
+
+    if not labels.is_file():
+        raise SubmitError(f"labels file {labels} does not exist", EXIT_INPUT)
+    try:
+        parse_ground_truth(labels.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise SubmitError(f"labels file {labels}: not UTF-8 text (save it as a UTF-8 CSV file)", EXIT_INPUT) from None
+    except LabelFileError as exc:
+        raise SubmitError(f"labels file {labels}: {exc}", EXIT_INPUT) from None
+
+
+def _count_flagged(path: Path) -> int | None:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "flagged" not in reader.fieldnames:
+            return None
+        return sum(1 for row in reader if (row.get("flagged") or "").strip().lower() in ("1", "true"))
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)  # noqa: T201 - progress notes for the user, apart from the results
+
+
 def submit(
-    folder: Path, url: str, api_key: str, out: Path, labels: Path | None = None, part_files: int = 200,
+    folder: Path, url: str, api_key: str, out: Path | None, labels: Path | None = None, part_files: int = 200,
     part_bytes: int = 100 * 1024 * 1024, poll_seconds: float = 1.0, timeout: float = 24 * 3600,
-) -> dict[str, Any]:
-    """Upload every image below folder as one job, wait for it, write the results CSV; return the job."""
+    name: str | None = None, progress: bool = True,
+) -> Summary:
+    """Upload every image below folder as one job, wait for it, write the results CSV; return the summary."""
+    import time
+
+    import requests
+    from tqdm import tqdm
+
+    if not folder.exists():
+        raise SubmitError(f"folder {folder} does not exist", EXIT_INPUT)
+    if not folder.is_dir():
+        raise SubmitError(f"{folder} is not a folder (give the folder that holds the images)", EXIT_INPUT)
+    if not api_key:
+        raise SubmitError("no API key: set SKINSCAN_API_KEY to the key `skinscan clinics create` printed",
+                          EXIT_INPUT)
+    base, note = normalise_url(url)
+    if note:
+        _say(note)
     paths = find_images(folder)
     if not paths:
-        raise SubmitError(f"no images (.jpg, .png, .bmp, .tif or .zip) found below {folder}")
-    base = url.rstrip("/")
+        raise SubmitError(f"no images (.jpg, .png, .bmp, .tif or .zip) found below {folder}", EXIT_INPUT)
+    if labels is not None:
+        _check_labels(labels)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {api_key}"
+    check_server(session, base)
+    skipped = [p for p in find_csvs(folder) if labels is None or p.resolve() != labels.resolve()]
+    for csv_path in skipped:
+        _say(f"not uploading {csv_path}: CSV files are not images" +
+             ("" if labels else f"; to match its labels to the images, pass --labels {csv_path}"))
+    summary = Summary(name=name)
+    try:
+        return _run_job(session, base, paths, out, labels, part_files, part_bytes, poll_seconds, timeout,
+                        summary, progress, tqdm, time)
+    except (requests.ConnectionError, requests.Timeout):
+        _abandon(session, base, summary)
+        raise SubmitError(f"lost the connection to the SkinScan server at {base}", EXIT_SERVER) from None
+    except (SubmitError, KeyboardInterrupt):
+        _abandon(session, base, summary)
+        raise
+
+
+def _abandon(session: requests.Session, base: str, summary: Summary) -> None:
+    """Cancel a job whose upload this run could not finish (no job left 'uploading'), and say so."""
+    import requests
+
+    if not summary.uploading:
+        if summary.job_id and not summary.status:
+            _say(f"job {summary.job_id} goes on without this command: {summary.job_url}")
+        return
+    try:
+        resp = session.post(f"{base}{API_PREFIX}/jobs/{summary.job_id}/cancel", timeout=15)
+        done = resp.status_code < 400
+    except requests.RequestException:
+        done = False
+    _say(f"job {summary.job_id}: upload not finished; " + (
+        "the job was cancelled" if done else f"cancel or delete it on its page: {summary.job_url}"))
+
+
+def _run_job(session: requests.Session, base: str, paths: list[Path], out: Path | None, labels: Path | None,
+             part_files: int, part_bytes: int, poll_seconds: float, timeout: float, summary: Summary,
+             progress: bool, tqdm: Any, time: Any) -> Summary:
+    """Upload in parts, start the job with the labels, follow it to the end, save its results."""
     parts = _parts(paths, part_files, part_bytes)
-    rejected: list[dict[str, Any]] = []
-    with tqdm(total=len(paths), desc="uploading", unit="file") as bar:
-        first = _post_files(session, f"{base}/api/v1/jobs", parts[0], {"finalize": "false"})
-        job_id = first["id"]
-        rejected += first.get("rejected", [])
+    api = f"{base}{API_PREFIX}"
+    form = {"finalize": "false", **({"name": summary.name} if summary.name else {})}
+    with tqdm(total=len(paths), desc="uploading", unit="file", disable=not progress) as bar:
+        first = _post_files(session, f"{api}/jobs", parts[0], form)
+        summary.job_id, summary.uploading = first["id"], True
+        summary.job_url = f"{base}/jobs/{summary.job_id}"
+        summary.accepted += int(first.get("accepted", 0))
+        summary.refused += first.get("rejected", [])
         bar.update(len(parts[0]))
         for part in parts[1:]:
-            body = _post_files(session, f"{base}/api/v1/jobs/{job_id}/images", part, {})
-            rejected += body.get("rejected", [])
+            body = _post_files(session, f"{api}/jobs/{summary.job_id}/images", part, {})
+            summary.accepted += int(body.get("accepted", 0))
+            summary.refused += body.get("rejected", [])
             bar.update(len(part))
-    for r in rejected:
-        log.warning("refused %s: %s", r.get("filename"), r.get("error"))
     with contextlib.ExitStack() as stack:
         files = {"labels": (labels.name, stack.enter_context(labels.open("rb")))} if labels else None
-        job = _check(session.post(f"{base}/api/v1/jobs/{job_id}/start", files=files, timeout=120))
+        resp = session.post(f"{api}/jobs/{summary.job_id}/start", files=files, timeout=120)
+    summary.uploading = False  # started, or failed with its reason recorded by the server
+    if resp.status_code >= 400:
+        summary.status, summary.error = "failed", f"the job did not start: {_problem(resp)}"
+        return summary
+    job = _check(resp)
+    summary.labels = job.get("labels")
     deadline = time.monotonic() + timeout
-    with tqdm(total=job["counts"]["total"], desc="scoring", unit="img") as bar:
+    refused = len(summary.refused)
+    with tqdm(total=max(0, job["counts"]["total"] - refused), desc="scoring", unit="img",
+              disable=not progress) as bar:
         while True:
-            job = _check(session.get(f"{base}/api/v1/jobs/{job_id}", timeout=30))
-            done = job["counts"]["scored"] + job["counts"]["failed"]
-            bar.update(done - bar.n)
+            job = _check(session.get(f"{api}/jobs/{summary.job_id}", timeout=30))
+            done = job["counts"]["scored"] + job["counts"]["failed"] - refused
+            bar.update(max(0, done - bar.n))
             if job["status"] in ("done", "failed"):
                 break
             if time.monotonic() > deadline:
-                raise SubmitError(f"job {job_id} not finished after {timeout:.0f} s")
+                raise SubmitError(f"job {summary.job_id} not finished after {timeout:.0f} s; see {summary.job_url}")
             time.sleep(poll_seconds)
-    resp = session.get(f"{base}/api/v1/jobs/{job_id}/results", params={"format": "csv"}, timeout=600, stream=True)
+    summary.status, summary.error = job["status"], job.get("error")
+    summary.scored = job["counts"]["scored"]
+    summary.not_scored = max(0, job["counts"]["failed"] - refused)
+    out = out or Path(f"skinscan-results-{summary.job_id}.csv")
+    resp = session.get(f"{api}/jobs/{summary.job_id}/results", params={"format": "csv"}, timeout=600, stream=True)
     if resp.status_code >= 400:
         _check(resp)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as fh:
         for block in resp.iter_content(1 << 16):
             fh.write(block)
-    log.info("job %s %s: %d scored, %d failed; results in %s", job_id, job["status"], job["counts"]["scored"],
-             job["counts"]["failed"], out)
-    if job["status"] == "failed":
-        raise SubmitError(f"job {job_id} failed: {job.get('error')}")
-    return job
+    summary.results = out
+    summary.flagged = _count_flagged(out)
+    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `skinscan submit` options and handler to a parser."""
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--url", required=True, help="server address, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--api-key", required=True)
-    parser.add_argument("--out", type=Path, required=True, help="results CSV to write")
-    parser.add_argument("--labels", type=Path, default=None, help="ground-truth CSV (HAM10000 or ISIC format)")
-    parser.add_argument("--part-files", type=int, default=200, help="files per upload request")
+    parser.epilog = ("Exit codes: 0 the job was scored; 1 the job failed or the server refused it; 2 bad input "
+                     "(folder, labels file, options); 3 no server at --url, or the API key was refused.")
+    parser.add_argument("folder", type=Path, help="folder with the images (searched recursively; zips too)")
+    parser.add_argument("--url", default=os.environ.get("SKINSCAN_URL", DEFAULT_URL),
+                        help="the server's address, e.g. http://127.0.0.1:8000 (default: $SKINSCAN_URL or "
+                             f"{DEFAULT_URL}); http:// is added when missing and a trailing /api/v1 is accepted")
+    parser.add_argument("--api-key", default=None,
+                        help="the clinic's API key; better set SKINSCAN_API_KEY, which keeps it out of the shell "
+                             "history (this option wins when both are given)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results CSV to write (default: skinscan-results-<job id>.csv here)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="ground-truth CSV (HAM10000 metadata, ISIC 2017, ISIC 2018/2019); it may cover more "
+                             "images than the folder: rows are matched to the images by file name")
+    parser.add_argument("--name", default=None, help="a batch name or reference shown in the jobs list")
+    parser.add_argument("--part-files", type=int, default=200,
+                        help="files per upload request (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (for logs)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get("SKINSCAN_API_KEY", "")
     try:
-        submit(args.folder, args.url, args.api_key, args.out, args.labels, part_files=args.part_files)
-    except (SubmitError, requests.RequestException) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+        summary = submit(args.folder, args.url, api_key, args.out, args.labels,
+                         part_files=max(1, args.part_files), name=args.name, progress=args.progress)
+    except SubmitError as exc:
+        _say(f"skinscan submit: {exc}")
+        return exc.code
+    except KeyboardInterrupt:
+        _say("skinscan submit: interrupted")
+        return 130
+    print("\n".join(summary.lines()))  # noqa: T201 - the command's report
+    return EXIT_OK if summary.status == "done" else EXIT_FAILED

@@ -55,7 +55,7 @@ def test_job_is_committed_then_enqueued_in_chunks(api: Api, settings: Any, sent:
     body = response.get_json()
     assert body["status"] == "queued" and body["accepted"] == 5
     assert [(r["filename"], r["status"]) for r in body["rejected"]] == [("notes.txt", 415)]
-    assert body["counts"] == {"total": 6, "scored": 0, "failed": 1}
+    assert body["counts"] == {"total": 5, "scored": 0, "failed": 0, "refused": 1}
     assert body["model_version"] == MODEL_VERSION and body["progress"] == round(1 / 6, 4)
     assert body["status_url"].endswith(f"/api/v1/jobs/{body['id']}")
 
@@ -71,18 +71,17 @@ def test_job_is_committed_then_enqueued_in_chunks(api: Api, settings: Any, sent:
 
 
 def test_refused_uploads_keep_nothing(api: Api, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:
-    """No files, only unsupported files, a labels CSV of unknown columns or naming a file not uploaded: a JSON 4xx
-    that says why, and no job, no stored image and no task left behind."""
+    """No files, only unsupported files, a labels CSV of unknown columns or with an invalid row: a JSON 4xx that says
+    why, and no job, no stored image and no task left behind."""
     assert api.client.post("/api/v1/jobs", data={}, headers=api.headers()).status_code == 400
     only_text = api.submit([("a.txt", b"hello"), ("b.txt", b"world")])
     assert only_text.status_code == 415
     assert {d["filename"] for d in only_text.get_json()["details"]} == {"a.txt", "b.txt"}
     bad_columns = api.submit([("ISIC_1.jpg", jpeg())], labels=b"name,diagnosis\nISIC_1,mel\n")
     assert bad_columns.status_code == 400 and "unrecognised columns" in bad_columns.get_json()["error"]
-    unknown = api.submit([("ISIC_1.jpg", jpeg())], labels=b"image_id,dx\nISIC_1,mel\nISIC_2,nv\n")
-    assert unknown.status_code == 400
-    assert unknown.get_json()["details"] == [{"line": 3, "image_id": "ISIC_2",
-                                              "error": "no uploaded file with this image id"}]
+    bad_row = api.submit([("ISIC_1.jpg", jpeg())], labels=b"image_id,dx\nISIC_1,mel\nISIC_2,cancer\n")
+    assert bad_row.status_code == 400 and bad_row.get_json()["error"] == (
+        "labels file: line 3: unknown diagnosis 'cancer'; expected one of akiec, bcc, bkl, df, mel, nv, vasc")
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
         assert session.scalar(select(func.count()).select_from(ImageRecord)) == 0
@@ -90,22 +89,27 @@ def test_refused_uploads_keep_nothing(api: Api, settings: Any, sent: SentTasks, 
 
 
 def test_job_in_parts_then_started(api: Api, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:
-    """finalize=false keeps the job uploading and sends nothing; parts add images; start queues it once."""
+    """finalize=false keeps the job uploading; each part's images are sent for scoring as the part commits (and
+    only that part's); start closes the job and sends nothing already sent."""
     first = api.submit([("ISIC_1.jpg", jpeg(1))], finalize="false").get_json()
     job_id = first["id"]
-    assert first["status"] == "uploading" and sent.calls == []
+    ids = [r.id for r in _job_rows(settings, job_id)]
+    assert first["status"] == "uploading"
+    assert [(c["name"], c["args"]) for c in sent.calls] == [("worker.tasks.score_chunk", [job_id, ids])]
     part = api.client.post(f"/api/v1/jobs/{job_id}/images", headers=api.headers(),
                            data={"files": [(io.BytesIO(jpeg(2)), "ISIC_2.jpg")]}, content_type="multipart/form-data")
     assert part.status_code == 202 and part.get_json()["accepted"] == 1
+    second = [r.id for r in _job_rows(settings, job_id)][1:]
+    assert [c["args"] for c in sent.calls] == [[job_id, ids], [job_id, second]]
     start = api.client.post(f"/api/v1/jobs/{job_id}/start", headers=api.headers(),
                             data={"labels": (io.BytesIO(b"image_id,dx\nISIC_1,mel\nISIC_2,nv\n"), "l.csv")},
                             content_type="multipart/form-data")
     assert start.status_code == 202, start.get_json()
     assert start.get_json()["status"] == "queued" and start.get_json()["has_labels"]
     assert [r.true_label for r in _job_rows(settings, job_id)] == ["mel", "nv"]
-    assert len(sent.calls) == 1 and sent.calls[0]["args"][0] == job_id
+    assert len(sent.calls) == 2  # both parts were sent already; nothing again
     again = api.client.post(f"/api/v1/jobs/{job_id}/start", headers=api.headers())
-    assert again.status_code == 409 and len(sent.calls) == 1
+    assert again.status_code == 409 and len(sent.calls) == 2
     late = api.client.post(f"/api/v1/jobs/{job_id}/images", headers=api.headers(),
                            data={"files": [(io.BytesIO(jpeg(3)), "ISIC_3.jpg")]}, content_type="multipart/form-data")
     assert late.status_code == 409
@@ -140,6 +144,20 @@ def _score(settings: Any, job_id: str, labels: dict[str, str]) -> None:
                                    confidence=0.94, malignancy=malignancy, flagged=malignancy >= 0.5))
             img.status = "scored"
         job.scored, job.status = len(labels), "done"
+
+
+def test_a_job_scored_while_uploading_is_finished_at_start(api: Api, settings: Any, sent: SentTasks,
+                                                            jpeg: Jpeg) -> None:
+    """Every image scored before the job closed: start keeps the counts and sends a worker the job to finish."""
+    job_id = api.submit([("ISIC_1.jpg", jpeg(1)), ("ISIC_2.jpg", jpeg(2))], finalize="false").get_json()["id"]
+    _score(settings, job_id, {"ISIC_1.jpg": "mel", "ISIC_2.jpg": "nv"})
+    with session_scope(settings) as session:  # as a worker leaves an uploading job: counted, not finished
+        session.get(Job, job_id).status = "uploading"
+    start = api.client.post(f"/api/v1/jobs/{job_id}/start", headers=api.headers())
+    assert start.status_code == 202, start.get_json()
+    assert start.get_json()["counts"] == {"total": 2, "scored": 2, "failed": 0, "refused": 0}
+    assert [c["name"] for c in sent.calls] == ["worker.tasks.score_chunk", "worker.tasks.finish_job"]
+    assert sent.calls[-1]["args"] == [job_id]
 
 
 def test_results_json_and_csv_export(api: Api, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:

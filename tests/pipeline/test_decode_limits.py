@@ -55,4 +55,4 @@ def test_sixteen_bit_bomb_already_stored_fails_alone_in_the_worker(stack, good_i
             select(ImageRecord).where(ImageRecord.job_id == job_id))}
     assert outcome[rows[1][0]][0] == "failed" and REASON in outcome[rows[1][0]][1]
     assert [outcome[i][0] for i, _ in rows if i != rows[1][0]] == ["scored", "scored"]
-    assert client.wait(job_id)["counts"] == {"total": 3, "scored": 2, "failed": 1}
+    assert client.wait(job_id)["counts"] == {"total": 3, "scored": 2, "failed": 1, "refused": 0}

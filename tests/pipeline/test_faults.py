@@ -274,7 +274,7 @@ def test_missing_object_fails_that_image_only(lab, job_files) -> None:  # type: 
     get_storage(settings).delete(key)
     lab.worker()
     job = client.wait(job_id, timeout=600)
-    assert job["status"] == "done" and job["counts"] == {"total": 40, "scored": 39, "failed": 1}, job
+    assert job["status"] == "done" and job["counts"] == {"total": 40, "scored": 39, "failed": 1, "refused": 0}, job
     with session_scope(settings) as session:
         gone = session.get(ImageRecord, gone_id)
         assert gone.status == "failed" and "missing" in gone.error and gone.attempts == MISSING_ATTEMPTS
@@ -323,7 +323,7 @@ def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str)
             continue
     assert deliveries == pipeline.MAX_ATTEMPTS + 1
     job = client.wait(job_id, timeout=600)
-    assert job["status"] == "done" and job["counts"] == {"total": 16, "scored": 15, "failed": 1}
+    assert job["status"] == "done" and job["counts"] == {"total": 16, "scored": 15, "failed": 1, "refused": 0}
     with session_scope(settings) as session:
         poison = session.get(ImageRecord, ids[5])
         assert poison.status == "failed" and f"in {pipeline.MAX_ATTEMPTS} attempts" in poison.error
@@ -401,7 +401,7 @@ def test_web_killed_during_upload(lab, spawn, job_files) -> None:  # type: ignor
     assert pipeline.fail_stale_uploads(replace(settings, upload_timeout_seconds=1)) == 1
     job = client.get(f"/api/v1/jobs/{parts_job}").get_json()
     assert job["status"] == "failed" and "never finished" in job["error"]
-    assert job["counts"] == {"total": 3, "scored": 0, "failed": 3}
+    assert job["counts"] == {"total": 3, "scored": 0, "failed": 3, "refused": 0}
     results = client.get(f"/api/v1/jobs/{parts_job}/results").get_json()["results"]
     assert all(r["status"] == "failed" and "never finished" in r["error"] for r in results)
     started = client.client.post(f"/api/v1/jobs/{parts_job}/start", headers=client.headers())

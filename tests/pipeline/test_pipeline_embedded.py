@@ -29,18 +29,23 @@ def _cli(env: dict[str, str], *args: str) -> str:
     return out.stdout
 
 
-def test_embedded_serve_and_submit(tmp_path, service_bundle, isic_test_images):
-    """A clinic key from the CLI, a folder uploaded in parts by `skinscan submit`, results CSV written."""
+def test_embedded_serve_and_submit(tmp_path, service_bundle, isic_test_images, isic2017_dir):
+    """A clinic key from the CLI, `skinscan serve` saying how to sign in, a folder uploaded in parts by
+    `skinscan submit` (key from SKINSCAN_API_KEY, a batch name, the whole ISIC 2017 test ground truth for 30 of its
+    images, a file that is no image), results CSV written and a summary that counts it all."""
     env = _env(tmp_path, service_bundle)
-    key = _cli(env, "clinics", "create", "Embedded Clinic").strip().splitlines()[-1]
-    assert key.startswith("sk_")
-    files, labels = isic_test_images(30)
+    created = _cli(env, "clinics", "create", "Embedded Clinic").strip().splitlines()[-1]
+    assert created.startswith("API key: sk_")
+    key = created.removeprefix("API key: ")
+    files, _ = isic_test_images(30)
     folder = tmp_path / "batch"
     (folder / "nested").mkdir(parents=True)
     for i, (name, data) in enumerate(files):
         (folder / ("nested" if i % 2 else "") / name).write_bytes(data)
     (folder / "notes.txt").write_text("not an image")
-    (tmp_path / "labels.csv").write_bytes(labels)
+    (folder / "broken.jpg").write_bytes(b"not a picture either")
+    (folder / "metadata.csv").write_text("image_id,age_approximate,sex\n")
+    truth = isic2017_dir / "ISIC-2017_Test_v2_Part3_GroundTruth.csv"  # 600 rows, 30 of them for this batch
 
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
@@ -50,16 +55,32 @@ def test_embedded_serve_and_submit(tmp_path, service_bundle, isic_test_images):
         wait_port("127.0.0.1", port, timeout=120)
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()["status"] == "ok"
         out = tmp_path / "results.csv"
-        _cli(env, "submit", str(folder), "--url", f"http://127.0.0.1:{port}", "--api-key", key,
-             "--out", str(out), "--labels", str(tmp_path / "labels.csv"), "--part-files", "8")
+        done = subprocess.run(
+            [sys.executable, "-m", "skinscan.cli", "submit", str(folder), "--url", f"127.0.0.1:{port}/api/v1",
+             "--out", str(out), "--labels", str(truth), "--part-files", "8", "--name", "Embedded batch"],
+            env={**env, "SKINSCAN_API_KEY": key}, cwd=ROOT, capture_output=True, text=True, timeout=300,
+            stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"not uploading {folder / 'metadata.csv'}: CSV files are not images" in done.stderr
         rows = list(csv.DictReader(out.open()))
-        assert len(rows) == 30 and all(r["status"] == "scored" for r in rows)
-        assert {r["filename"] for r in rows} == {n for n, _ in files}
-        assert all(r["true_label"] in ("mel", "bkl", "nv") for r in rows)
+        scored = [r for r in rows if r["status"] == "scored"]
+        assert len(scored) == 30 and {r["filename"] for r in scored} == {n for n, _ in files}
+        assert [(r["filename"], r["status"]) for r in rows if r not in scored] == [("broken.jpg", "failed")]
+        assert all(r["true_label"] in ("mel", "bkl", "nv") for r in scored)
         headers = {"Authorization": f"Bearer {key}"}
         jobs = requests.get(f"http://127.0.0.1:{port}/api/v1/jobs", headers=headers, timeout=10).json()["jobs"]
         assert len(jobs) == 1 and jobs[0]["status"] == "done"
-        metrics = requests.get(f"http://127.0.0.1:{port}/api/v1/jobs/{jobs[0]['id']}/metrics", headers=headers,
+        job_id = jobs[0]["id"]
+        flagged = sum(1 for r in scored if r["flagged"] in ("1", "True", "true"))
+        summary = done.stdout.strip().splitlines()
+        assert summary[0] == f"Job {job_id} (Embedded batch): done"
+        assert summary[1].split() == ["images", "accepted:", "30", "scored:", "30", "not", "scored:", "0", "flagged",
+                                      "for", "review:", str(flagged)]
+        assert "files refused at upload: 1" in summary[2] and summary[3].strip().startswith("broken.jpg: ")
+        assert summary[4].strip() == "labels: 30 images labelled; 570 label rows matched no uploaded image."
+        assert summary[-1].strip() == f"job page: http://127.0.0.1:{port}/jobs/{job_id}"
+        assert len(summary) <= 10
+        metrics = requests.get(f"http://127.0.0.1:{port}/api/v1/jobs/{job_id}/metrics", headers=headers,
                                timeout=10).json()["metrics"]
         assert metrics["n_images"] == 30 and "balanced_accuracy" in metrics
         # Everything lives under the one data directory.
@@ -72,3 +93,7 @@ def test_embedded_serve_and_submit(tmp_path, service_bundle, isic_test_images):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    said = (tmp_path / "serve.log").read_text()
+    assert f"SkinScan running at http://127.0.0.1:{port}/" in said
+    assert 'No web user exists yet' in said and 'skinscan users create "Embedded Clinic" you@example.org' in said
+    assert "superuser privileges" not in said and "Context impl" not in said and "Running upgrade" not in said

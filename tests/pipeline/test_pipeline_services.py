@@ -37,7 +37,7 @@ def test_full_path_on_real_services(stack, api, isic_test_images):
     assert body["status"] == "queued" and body["accepted"] == 121
     job = api.wait(body["id"])
     assert job["status"] == "done"
-    assert job["counts"] == {"total": 121, "scored": 120, "failed": 1}
+    assert job["counts"] == {"total": 121, "scored": 120, "failed": 1, "refused": 0}
     assert job["progress"] == 1.0
 
     settings = stack.settings()
@@ -102,7 +102,7 @@ def test_redelivered_chunk_changes_nothing(stack, api, isic_test_images):
     counts = prediction_counts(settings, body["id"])
     assert sorted(counts.values()) == [1] * 20
     again = api.client.get(f"/api/v1/jobs/{body['id']}", headers=api.headers()).get_json()
-    assert again["counts"] == job["counts"] == {"total": 20, "scored": 20, "failed": 0}
+    assert again["counts"] == job["counts"] == {"total": 20, "scored": 20, "failed": 0, "refused": 0}
 
 
 def test_clinics_are_isolated_and_keys_required(stack, api, isic_test_images):

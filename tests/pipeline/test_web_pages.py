@@ -283,14 +283,14 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     assert live.status_code == 200 and 'id="job-progress-bar"' in live.text and 'aria-live="polite"' in live.text
     summary = staff.wait(job_id)
     assert summary["status"] == "done" and summary["progress"] == 1.0
-    assert summary["counts"] == {"total": 22, "scored": 20, "failed": 2}
+    assert summary["counts"] == {"total": 20, "scored": 20, "failed": 0, "refused": 2}
 
     preds = db_predictions(settings, job_id)
     assert len(preds) == 20
     page = staff.get(f"/jobs/{job_id}")
     html = page.text
     assert page.status_code == 200
-    assert 'value="100.0"' in html and "22 of 22 images finished" in html
+    assert 'value="100.0"' in html and "20 of 20 images finished" in html
     assert "Agreement with your labels" in html and "Confusion matrix" in html
     assert "notes.txt" in html and "huge.png" in html and "not a recognised image file" in html
     flagged = sum(1 for p in preds.values() if p.flagged)

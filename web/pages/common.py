@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlsplit
 
-from flask import Blueprint, jsonify, render_template, request
+from flask import Blueprint, jsonify, render_template
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
@@ -44,15 +44,6 @@ def page_blueprint(name: str) -> Blueprint:
         bp.register_error_handler(code, page_error)
     bp.register_error_handler(CSRFError, page_error)
     return bp
-
-
-def int_arg(name: str, default: int, low: int, high: int) -> int:
-    """Return a whole-number query parameter clamped to [low, high]; the default when absent or not a number."""
-    try:
-        value = int(request.args.get(name, default))
-    except (TypeError, ValueError):
-        return default
-    return max(low, min(high, value))
 
 
 # Characters left as they are when a `next` path is rebuilt; everything else (controls, spaces, backslashes,

@@ -1,4 +1,4 @@
-"""Image pages: one image with its class probabilities and Grad-CAM heatmap; the image, thumbnails, heatmaps."""
+"""Image pages: one image with its probabilities, Grad-CAM heatmap and review form; the image, thumbnails, heatmaps."""
 
 from __future__ import annotations
 
@@ -7,15 +7,26 @@ import io
 import logging
 from typing import Any
 
-from flask import Response, abort, g, jsonify, render_template, request, url_for
+from flask import Response, abort, flash, g, jsonify, redirect, render_template, request, url_for
 from PIL import Image as PILImage
 
 from skinscan import audit
 from skinscan.imaging import ImageError, decode_rgb
+from skinscan.reviews import (
+    DECISIONS,
+    NOTE_MAX_CHARS,
+    ReviewError,
+    next_flagged_unreviewed,
+    record_review,
+    review_history,
+    risk_neighbours,
+    unreviewed_flagged_count,
+)
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, ModelVersion, Prediction
 from training.bundle import referral_threshold
 from web.context import db, settings, storage
+from web.lookup import owned_image
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
 from web.pages.table import prediction_for, results_version
@@ -26,14 +37,6 @@ bp = page_blueprint("images")
 THUMB_SIDE = 160
 CACHE_SECONDS = 7 * 24 * 3600
 BROWSER_TYPES = ("image/jpeg", "image/png")
-
-
-def clinic_image(image_id: str) -> ImageRecord:
-    """Return the signed-in clinic's image, or 404 (also when it belongs to another clinic)."""
-    image = db().get(ImageRecord, image_id) if len(image_id) <= 64 else None
-    if image is None or image.clinic_id != g.clinic.id:
-        abort(404)
-    return image
 
 
 def _cached(body: bytes, mimetype: str, etag: str) -> Response:
@@ -66,7 +69,7 @@ def _stored_bytes(image: ImageRecord) -> bytes:
 @login_required
 def file(image_id: str):  # type: ignore[no-untyped-def]
     """The uploaded image (metadata already stripped); TIFF and BMP are sent as PNG so browsers show them."""
-    image = clinic_image(image_id)
+    image = owned_image(image_id)
     etag = f"{image.sha256 or image.id}-full"
     if (cached := _not_modified(etag)) is not None:
         return cached
@@ -86,7 +89,7 @@ def file(image_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def thumb(image_id: str):  # type: ignore[no-untyped-def]
     """A small JPEG of the image for the results table, made on the fly and cached by the browser."""
-    image = clinic_image(image_id)
+    image = owned_image(image_id)
     etag = f"{image.sha256 or image.id}-thumb{THUMB_SIDE}"
     if (cached := _not_modified(etag)) is not None:
         return cached
@@ -141,32 +144,70 @@ def _referral_reason(prediction: Prediction, meta: dict[str, Any]) -> str:
     return "Flagged for referral because " + " and ".join(reasons or ["of the model's referral rule"]) + "."
 
 
-@bp.get("/images/<image_id>")
-@login_required
-def show(image_id: str):  # type: ignore[no-untyped-def]
-    """One image: the picture, its class probabilities, the referral flag and the Grad-CAM heatmap."""
-    image = clinic_image(image_id)
+def _render_image(image: ImageRecord, form: dict[str, str] | None = None, error: str | None = None,
+                  status: int = 200):  # type: ignore[no-untyped-def]
+    """Render the image page: model output, heatmap, review form and history, risk-order navigation."""
+    session = db()
     job, version, prediction = _shown(image)
-    model = db().get(ModelVersion, version) if version else None
+    model = session.get(ModelVersion, version) if version else None
     probabilities = sorted((prediction.probabilities or {}).items(), key=lambda kv: -kv[1]) if prediction else []
     heatmap = None
     if prediction is not None and version and image.storage_key:
         heatmap = _ask_heatmap(image, version)
-    session = db()
-    audit.record(session, "image.view", g.actor, image.clinic_id, "image", image.id)
-    session.commit()
+    history = review_history(session, image.id)
+    neighbours = risk_neighbours(session, job, version, image)
+    next_review = next_flagged_unreviewed(session, job, version, image)
     return render_template(
         "image.html", image=image, job=job, version=version, prediction=prediction, probabilities=probabilities,
         reason=_referral_reason(prediction, model.meta if model else {}) if prediction else None,
-        heatmap=heatmap,
-    )
+        heatmap=heatmap, history=history, current_review=history[0] if history else None,
+        decisions=DECISIONS, note_max=NOTE_MAX_CHARS, form=form or {}, review_error=error,
+        previous_id=neighbours.previous, next_id=neighbours.next, next_review_id=next_review,
+        unreviewed=unreviewed_flagged_count(session, job, version),
+    ), status
+
+
+@bp.get("/images/<image_id>")
+@login_required
+def show(image_id: str):  # type: ignore[no-untyped-def]
+    """One image: the picture, its class probabilities, the referral flag, the Grad-CAM heatmap and reviews."""
+    image = owned_image(image_id)
+    session = db()
+    audit.record(session, "image.view", g.actor, image.clinic_id, "image", image.id)
+    session.commit()
+    return _render_image(image)
+
+
+@bp.post("/images/<image_id>/review")
+@login_required
+def review(image_id: str):  # type: ignore[no-untyped-def]
+    """Record the signed-in clinician's review of the image, then go to the job's next flagged, unreviewed image."""
+    image = owned_image(image_id)
+    session = db()
+    job, version, _prediction = _shown(image)
+    form = {k: request.form.get(k, "") for k in ("decision", "diagnosis", "note")}
+    try:
+        record_review(session, image, decision=form["decision"], diagnosis=form["diagnosis"], note=form["note"],
+                      reviewer=g.user.email, user_id=g.user.id, version=version, actor=g.actor)
+        session.commit()
+    except ReviewError as exc:
+        session.rollback()
+        return _render_image(image, form, f"The review was not saved: {exc}.", 400)
+    following = next_flagged_unreviewed(session, job, version, image)
+    if following is None:
+        flash("Review saved. Every flagged image of this job has been reviewed.", "info")
+        return redirect(url_for("jobs.show", job_id=job.id))
+    left = unreviewed_flagged_count(session, job, version)
+    flash(f"Review of {image.filename} saved. {left} flagged image{'' if left == 1 else 's'} still to review.",
+          "info")
+    return redirect(url_for("images.show", image_id=following))
 
 
 @bp.get("/images/<image_id>/heatmap")
 @login_required
 def heatmap(image_id: str):  # type: ignore[no-untyped-def]
     """The heatmap's state as JSON (ready with its URL, pending, or error); asks a worker for it if needed."""
-    image = clinic_image(image_id)
+    image = owned_image(image_id)
     _job, version, prediction = _shown(image)
     if prediction is None or version is None or not image.storage_key:
         return jsonify({"state": "unavailable", "error": "this image has no prediction to explain"}), 404
@@ -180,7 +221,7 @@ def heatmap_png(image_id: str):  # type: ignore[no-untyped-def]
     """The cached Grad-CAM overlay PNG (404 until a worker has computed it)."""
     from worker.gradcam import heatmap_key
 
-    image = clinic_image(image_id)
+    image = owned_image(image_id)
     _job, version, prediction = _shown(image)
     if prediction is None or version is None:
         abort(404)

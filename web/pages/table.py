@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
 from skinscan.tables import ImageRecord, Job, Prediction
+from web.risk_order import NOT_SHOWN_STATUSES, ranked_ids, shown_join
+from web.risk_order import results_version as results_version  # re-exported for the pages
 
 SORTS: dict[str, Any] = {
     "malignancy": Prediction.malignancy,
@@ -85,10 +87,12 @@ class TableQuery:
 
 @dataclass
 class ResultRow:
-    """One table row: the uploaded file and its prediction under the shown model version (None if unscored)."""
+    """One table row: the uploaded file, its prediction under the shown model version (None if unscored) and its
+    risk rank in the whole job (1 = highest malignancy score), whatever the table's sort and filters."""
 
     image: ImageRecord
     prediction: Prediction | None
+    rank: int = 0
 
 
 @dataclass
@@ -116,17 +120,6 @@ class TablePage:
         return self.first + len(self.rows) - 1 if self.rows else 0
 
 
-def results_version(session: Session, job: Job) -> str | None:
-    """The model version whose predictions the pages show: production's once it scored the whole job."""
-    prod = production_model(session)
-    if prod is None or prod.version == job.model_version or not job.scored:
-        return job.model_version
-    n = session.scalar(select(func.count()).select_from(Prediction)
-        .join(ImageRecord, ImageRecord.id == Prediction.image_id)
-                       .where(ImageRecord.job_id == job.id, Prediction.model_version == prod.version)) or 0
-    return prod.version if n >= job.scored else job.model_version
-
-
 def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
     stmt = stmt.where(ImageRecord.job_id == job.id)
     if q.cls:
@@ -140,33 +133,28 @@ def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
 
 def results_page(session: Session, job: Job, version: str | None, q: TableQuery) -> TablePage:
     """Return one page of the job's rows, filtered and sorted in the database (unscored rows last)."""
-    join = and_(Prediction.image_id == ImageRecord.id, Prediction.model_version == version)
+    join = shown_join(version)
     total = session.scalar(_filtered(select(func.count()).select_from(ImageRecord).outerjoin(Prediction, join), job, q))
     total = int(total or 0)
     page = min(q.page, max(1, math.ceil(total / q.per_page)))
     column = SORTS[q.sort]
     order = (column.asc() if q.direction == "asc" else column.desc()).nulls_last()
-    stmt = (_filtered(select(ImageRecord, Prediction).outerjoin(Prediction, join), job, q)
+    ranked = ranked_ids(job, version)
+    stmt = (_filtered(select(ImageRecord, Prediction, ranked.c.rank).outerjoin(Prediction, join)
+                      .join(ranked, ranked.c.image_id == ImageRecord.id), job, q)
             .order_by(order, ImageRecord.position).limit(q.per_page).offset((page - 1) * q.per_page))
-    rows = [ResultRow(image, prediction) for image, prediction in session.execute(stmt).all()]
+    rows = [ResultRow(image, prediction, int(rank)) for image, prediction, rank in session.execute(stmt).all()]
     return TablePage(rows=rows, total=total, page=page, per_page=q.per_page)
 
 
 def class_counts(session: Session, job: Job, version: str | None) -> dict[str, int]:
     """Return how many of the job's images each class was predicted for (every class, zeros included)."""
-    counts = dict(session.execute(
-        select(Prediction.label, func.count()).join(ImageRecord, ImageRecord.id == Prediction.image_id)
-        .where(ImageRecord.job_id == job.id, Prediction.model_version == version).group_by(Prediction.label)
-    ).all())
-    return {c: int(counts.get(c, 0)) for c in CLASSES}
+    return tile_counts(session, job, version)[0]
 
 
 def flagged_count(session: Session, job: Job, version: str | None) -> int:
-    """Return how many of the job's images are flagged for referral."""
-    return int(session.scalar(
-        select(func.count()).select_from(Prediction).join(ImageRecord, ImageRecord.id == Prediction.image_id)
-        .where(ImageRecord.job_id == job.id, Prediction.model_version == version, Prediction.flagged.is_(True))
-    ) or 0)
+    """Return how many of the job's images are flagged for referral (a cancelled image's late prediction aside)."""
+    return tile_counts(session, job, version)[1]
 
 
 def refused_files(session: Session, job: Job, limit: int = 200) -> list[tuple[str, str]]:
@@ -184,3 +172,54 @@ def prediction_for(session: Session, image: ImageRecord, version: str | None) ->
         return None
     return session.scalars(select(Prediction).where(Prediction.image_id == image.id,
                                                     Prediction.model_version == version)).first()
+
+
+def tile_counts(session: Session, job: Job, version: str | None) -> tuple[dict[str, int], int]:
+    """Return (images per predicted class, flagged images) of a job in one grouped query (no per-image work)."""
+    classes = dict.fromkeys(CLASSES, 0)
+    flagged = 0
+    for label, is_flagged, n in session.execute(
+        select(Prediction.label, Prediction.flagged, func.count())
+        .join(ImageRecord, ImageRecord.id == Prediction.image_id)
+        .where(ImageRecord.job_id == job.id, Prediction.model_version == version,
+               ImageRecord.status.not_in(NOT_SHOWN_STATUSES))
+        .group_by(Prediction.label, Prediction.flagged)
+    ).all():
+        if label in classes:
+            classes[label] += int(n)
+        flagged += int(n) if is_flagged else 0
+    return classes, flagged
+
+
+def flagged_by_job(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """Return the flagged count of each listed job under the version its page shows, in one grouped query."""
+    if not jobs:
+        return {}
+    prod = production_model(session)
+    versions = {j.model_version for j in jobs if j.model_version} | ({prod.version} if prod else set())
+    counts: dict[tuple[str, str], tuple[int, int]] = {}
+    for job_id, version, n, flagged in session.execute(
+        select(ImageRecord.job_id, Prediction.model_version, func.count(),
+               func.count().filter(Prediction.flagged.is_(True)))
+        .join(ImageRecord, ImageRecord.id == Prediction.image_id)
+        .where(ImageRecord.job_id.in_([j.id for j in jobs]), Prediction.model_version.in_(versions),
+               ImageRecord.status.not_in(NOT_SHOWN_STATUSES))
+        .group_by(ImageRecord.job_id, Prediction.model_version)
+    ).all():
+        counts[(job_id, version)] = (int(n), int(flagged or 0))
+    out = {}
+    for job in jobs:
+        shown = job.model_version
+        if prod is not None and prod.version != job.model_version and job.scored:
+            if counts.get((job.id, prod.version), (0, 0))[0] >= job.scored:
+                shown = prod.version
+        out[job.id] = counts.get((job.id, shown or ""), (0, 0))[1]
+    return out
+
+
+def split_filename(name: str) -> tuple[str, str]:
+    """Split a file name into (stem, extension with its dot), so a page can wrap the stem and keep '.jpeg' whole."""
+    dot = name.rfind(".")
+    if dot <= 0 or len(name) - dot > 12 or " " in name[dot:]:
+        return name, ""
+    return name[:dot], name[dot:]

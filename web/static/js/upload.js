@@ -129,6 +129,8 @@
     data.append("csrf_token", token);
     accepted.forEach(function (file) { data.append("files", file, file.name); });
     if (labels.files.length) { data.append("labels", labels.files[0], labels.files[0].name); }
+    var jobName = form.elements.name;
+    if (jobName && jobName.value.trim()) { data.append("name", jobName.value.trim()); }
 
     var xhr = new XMLHttpRequest(), lastAnnounced = -1;
     xhr.open("POST", form.action);
@@ -153,15 +155,24 @@
       try { body = JSON.parse(xhr.responseText); } catch (err) { body = {error: "unexpected answer (HTTP " + xhr.status + ")"}; }
       if (xhr.status === 201) {
         var notTaken = refused.concat(body.rejected || []);
-        if (!notTaken.length) { window.location.assign(body.job_url); return; }
-        var box = el("div", null, "alert alert-ok");
-        box.appendChild(el("p", "Job created: " + body.accepted + " images accepted and queued for scoring."));
-        box.appendChild(el("p", notTaken.length + (notTaken.length === 1 ? " file was" : " files were") + " not accepted:"));
-        box.appendChild(listProblems(notTaken, 200));
+        var labelNote = body.labels && body.labels.unmatched_label_rows ? body.labels.labels_summary : "";
+        if (!notTaken.length && !labelNote) { window.location.assign(body.job_url); return; }
+        // One count everywhere: the job's images are the accepted ones; refused files are refusals, not images.
+        var box = el("div", null, "alert alert-info");
+        box.appendChild(el("p", "Job created: " + body.accepted + (body.accepted === 1 ? " image" : " images") +
+          " accepted and queued for scoring."));
+        if (labelNote) { box.appendChild(el("p", "Labels: " + labelNote)); }
+        result.appendChild(box);
+        if (notTaken.length) {
+          var refusedBox = el("div", null, "alert alert-error");
+          refusedBox.appendChild(el("p", notTaken.length + (notTaken.length === 1 ? " file was" : " files were") +
+            " refused and will not be scored:"));
+          refusedBox.appendChild(listProblems(notTaken, 200));
+          result.appendChild(refusedBox);
+        }
         var link = el("a", "Open the job", "button primary");
         link.href = body.job_url;
-        box.appendChild(link);
-        result.appendChild(box);
+        result.appendChild(link);
         progressBox.hidden = true;
         accepted = []; refused = []; input.value = ""; render();
         link.focus();

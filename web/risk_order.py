@@ -1,0 +1,59 @@
+"""Which model version's predictions a job shows, and the job's risk order: rank 1 is its highest malignancy score.
+
+The page's results table, its "#" column and the CSV/JSON exports all use this one order (malignancy score under
+the shown version, highest first, then upload order; unscored and cancelled images last), so an export lists
+the images in the order a clinician saw them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy.orm import Session
+
+from skinscan.registry import production_model
+from skinscan.tables import ImageRecord, Job, Prediction
+
+# Images whose prediction counts: a cancelled image keeps any prediction a chunk in flight wrote after the
+# cancellation, but it is not scored (the job's counters say so), so no count or table shows it.
+NOT_SHOWN_STATUSES = ("cancelled",)
+
+
+def results_version(session: Session, job: Job) -> str | None:
+    """The model version whose predictions the pages show: production's once it scored the whole job."""
+    prod = production_model(session)
+    if prod is None or prod.version == job.model_version or not job.scored:
+        return job.model_version
+    n = session.scalar(select(func.count()).select_from(Prediction)
+                       .join(ImageRecord, ImageRecord.id == Prediction.image_id)
+                       .where(ImageRecord.job_id == job.id, Prediction.model_version == prod.version)) or 0
+    return prod.version if n >= job.scored else job.model_version
+
+
+def shown_join(version: str | None) -> ColumnElement[bool]:
+    """Join condition of an image with its shown prediction (none for a cancelled image)."""
+    return and_(Prediction.image_id == ImageRecord.id, Prediction.model_version == version,
+                ImageRecord.status.not_in(NOT_SHOWN_STATUSES))
+
+
+def risk_order() -> tuple[Any, Any]:
+    """ORDER BY of the risk order: malignancy score under the joined version, highest first, then upload order."""
+    return Prediction.malignancy.desc().nulls_last(), ImageRecord.position
+
+
+def ranked_ids(job: Job, version: str | None) -> Any:
+    """Subquery of (image_id, rank) over all the job's images, rank 1 the highest malignancy score."""
+    return (select(ImageRecord.id.label("image_id"), func.row_number().over(order_by=risk_order()).label("rank"))
+            .outerjoin(Prediction, shown_join(version)).where(ImageRecord.job_id == job.id).subquery())
+
+
+def risk_ordered_images(session: Session, job: Job, version: str | None, limit: int | None = None,
+                        offset: int = 0) -> list[tuple[ImageRecord, int]]:
+    """Return (image, risk rank) of a job's images in risk order, optionally one page of them."""
+    stmt = (select(ImageRecord, func.row_number().over(order_by=risk_order()).label("rank"))
+            .outerjoin(Prediction, shown_join(version)).where(ImageRecord.job_id == job.id)
+            .order_by(*risk_order()).offset(offset))
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [(image, int(rank)) for image, rank in session.execute(stmt).all()]
