@@ -36,6 +36,18 @@ def submitted(stack: Any, files: list[tuple[str, bytes]]) -> tuple[Any, str, lis
     return settings, job_id, [(i, k) for i, k in rows]
 
 
+def warm_model(settings: Any, job_id: str) -> None:
+    """Fetch the job's model bundle into this machine's cache now, so the storage fault a test makes hits the
+    image reads (a bundle that cannot be fetched is an outage too, before any image is tried)."""
+    from skinscan.bundle_store import local_bundle
+    from skinscan.registry import bundle_ref
+    from skinscan.tables import Job
+
+    with session_scope(settings) as session:
+        ref = bundle_ref(session, session.get(Job, job_id).model_version)
+    local_bundle(ref, settings)
+
+
 def states(settings: Any, job_id: str) -> list[tuple[str, str | None, int]]:
     """(status, error, attempts) of a job's images in upload order."""
     with session_scope(settings) as session:
@@ -53,6 +65,7 @@ def test_connection_error_in_existence_check_is_an_outage(stack, good_images, ca
     from worker import pipeline
 
     settings, job_id, rows = submitted(stack, good_images[:2])
+    warm_model(settings, job_id)
     storage = get_storage(settings)
     # Fewer client retries than production, so the outage shows in seconds; the error is the same.
     storage.client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=Config(
@@ -119,8 +132,9 @@ def test_missing_bucket_is_an_outage_not_missing_images(stack, good_images) -> N
     from worker import pipeline
 
     settings, job_id, rows = submitted(stack, good_images[:2])
+    warm_model(settings, job_id)
     admin = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
-    saved = {k: admin.get(k) for _, k in rows}
+    saved = {k: admin.get(k) for k in admin.list_keys("")}  # the images and the stored model bundle
     for key in saved:
         admin.delete(key)
     admin.client.delete_bucket(Bucket=settings.s3_bucket)
@@ -130,7 +144,7 @@ def test_missing_bucket_is_an_outage_not_missing_images(stack, good_images) -> N
     assert all(f"bucket {settings.s3_bucket}" in e for _, e, _ in states(settings, job_id))
     admin.ensure_bucket()
     for key, data in saved.items():
-        admin.put(key, data, "image/jpeg")
+        admin.put(key, data)
     assert pipeline.score_chunk(job_id, [i for i, _ in rows], settings) == 2
 
 
