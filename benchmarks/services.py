@@ -271,6 +271,7 @@ class Client:
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {key}"
+        self.first_part_at: float | None = None  # when the first part's answer came (its images were committed)
 
     def _check(self, resp: requests.Response) -> dict[str, Any]:
         if resp.status_code >= 400:
@@ -286,6 +287,7 @@ class Client:
             if n == 0:
                 job_id = self._check(self.session.post(f"{self.url}/api/v1/jobs", files=files,
                                                        data={"finalize": "false"}, timeout=600))["id"]
+                self.first_part_at = time.time()
             else:
                 self._check(self.session.post(f"{self.url}/api/v1/jobs/{job_id}/images", files=files, timeout=600))
         self._check(self.session.post(f"{self.url}/api/v1/jobs/{job_id}/start", timeout=120))

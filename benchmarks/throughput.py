@@ -184,6 +184,8 @@ def section_paths(run: Run) -> None:
                 "images": n, "scored": state["scored"], "failed": state["failed"], "seconds": round(seconds, 2),
                 "img_s": round(state["scored"] / seconds, 1), "upload_s": round(uploaded - t0, 2),
                 "time_to_first_result_s": round(state["first_prediction_at"] - t0, 2),
+                "first_result_after_first_part_s": round(
+                    state["first_prediction_at"] - (client.first_part_at or t0), 2),
                 "time_to_last_result_s": round(state["last_prediction_at"] - t0, 2),
                 "part_files": run.args.part_files, "cpu_ms_per_image": _cpu_per_image(mon, n),
             }
@@ -334,6 +336,8 @@ def report(run: Run, fig: dict[str, Any], tgt: dict[str, Any], machine: dict[str
     e2e = r.get("end_to_end") or {}
     rows += [("4. end to end", _fmt(e2e.get("img_s")), f"img/s, upload {e2e.get('upload_s')} s" if e2e else ""),
              ("   time to first result", _fmt(e2e.get("time_to_first_result_s")), "s"),
+             ("   first result after the first part's commit", _fmt(e2e.get("first_result_after_first_part_s")),
+              "s"),
              ("   time to last result", _fmt(e2e.get("time_to_last_result_s")), "s")]
     for key, label in (("baseline", "5. baseline (torch, 1 req/img)"),
                        ("baseline_onnx_one_thread", "   baseline (onnx, 1 thread)")):

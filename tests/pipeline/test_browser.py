@@ -142,15 +142,23 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
     labels.write_text("\n".join([truth[0], *[r for r in truth[1:] if r.split(",")[0] in ids]]) + "\n")
     stray = tmp_path / "notes.txt"
     stray.write_text("not an image")
+    broken = tmp_path / "broken.jpg"  # passes the page's own check by its name; the server refuses its content
+    broken.write_bytes(b"this is a text file named like a JPEG")
     driver.get(base + "/jobs/new")
-    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*images, stray]))
+    driver.find_element(By.ID, "job-name").send_keys("Browser batch 7")
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in [*images, broken, stray]))
     driver.find_element(By.ID, "labels").send_keys(str(labels))
     summary = driver.find_element(By.ID, "file-summary").text
-    assert "20 files ready to upload" in summary and "notes.txt" in summary and "not a supported file type" in summary
+    assert "21 files ready to upload" in summary and "notes.txt" in summary and "not a supported file type" in summary
     shot(driver, "03-new-job")
     driver.find_element(By.ID, "upload-button").click()
     result = wait_for(lambda: driver.find_element(By.ID, "upload-result").text, 120, "no answer to the upload")
     assert "20 images accepted" in result and "notes.txt" in result, result
+    # One count: the accepted images in the info box, every refusal (the page's and the server's) in the red one.
+    accepted_box = driver.find_element(By.CSS_SELECTOR, "#upload-result .alert-info").text
+    refused_box = driver.find_element(By.CSS_SELECTOR, "#upload-result .alert-error").text
+    assert "20 images accepted" in accepted_box and "broken.jpg" not in accepted_box, accepted_box
+    assert "2 files were refused" in refused_box and "broken.jpg" in refused_box and "notes.txt" in refused_box
     driver.find_element(By.LINK_TEXT, "Open the job").click()
 
     # The progress bar climbs to 100%; the page then reloads itself with the results.
@@ -172,6 +180,7 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
     wait_for(finished, 300, f"the progress bar did not reach 100% (values seen: {sorted(set(seen))})", 0.2)
     text = driver.find_element(By.ID, "progress-text").text
     assert "20 of 20 images finished (100%)" in text
+    assert "Files refused at upload (1)" in driver.page_source and "broken.jpg" in driver.page_source
     assert "Agreement with your labels" in driver.page_source
     shot(driver, "04-job")
     shot(driver, "07-job-mobile", width=390)
@@ -210,7 +219,8 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
     shot(driver, "05-image")
 
     driver.get(base + "/jobs")
-    assert job_id[:8] in driver.find_element(By.CSS_SELECTOR, "table.data").text
+    listing = driver.find_element(By.CSS_SELECTOR, "table.data").text
+    assert job_id[:8] in listing and "Browser batch 7" in listing
     shot(driver, "02-jobs")
     driver.get(base + "/model")
     assert "smoke-test" in driver.page_source
