@@ -177,7 +177,11 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
         except Exception:  # noqa: BLE001 - the page may be reloading under us
             return False
 
-    wait_for(finished, 300, f"the progress bar did not reach 100% (values seen: {sorted(set(seen))})", 0.2)
+    try:
+        wait_for(finished, 300, "the progress bar did not reach 100%", 0.2)
+    except AssertionError:
+        raise AssertionError(f"the progress bar did not reach 100% (values seen: {sorted(set(seen))}) on "
+                             f"{driver.current_url}: {driver.find_element(By.TAG_NAME, 'main').text[:3000]}") from None
     text = driver.find_element(By.ID, "progress-text").text
     assert "20 of 20 images finished (100%)" in text
     assert "Files refused at upload (1)" in driver.page_source and "broken.jpg" in driver.page_source
@@ -204,8 +208,10 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
         "const done = arguments[arguments.length - 1];"
         f"fetch('/jobs/{job_id}/results.csv', {{credentials: 'same-origin'}})"
         ".then(r => r.text()).then(done).catch(e => done('ERROR ' + e));")
-    rows = list(csv.DictReader(io.StringIO(body)))
-    assert len(rows) == 20 and all(r["status"] == "scored" for r in rows)
+    rows = list(csv.DictReader(io.StringIO(body)))  # every uploaded file: the images in risk order, then refusals
+    assert len(rows) == 21 and all(r["status"] == "scored" for r in rows[:20])
+    assert rows[20]["filename"] == "broken.jpg" and rows[20]["status"] == "failed"
+    rows = rows[:20]
     assert {r["filename"] for r in rows} == {p.name for p in images}
 
     # An image page: the picture, the probabilities, and the Grad-CAM heatmap computed by the worker.

@@ -121,7 +121,8 @@ class TablePage:
 
 
 def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
-    stmt = stmt.where(ImageRecord.job_id == job.id)
+    # the job's images: files refused at upload (nothing stored) are listed in their own section, not as images
+    stmt = stmt.where(ImageRecord.job_id == job.id, ImageRecord.storage_key.is_not(None))
     if q.cls:
         stmt = stmt.where(Prediction.label == q.cls)
     if q.flag == "yes":
