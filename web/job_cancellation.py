@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from skinscan import audit
-from skinscan.tables import ImageRecord, Job, JobMetrics, utcnow
+from skinscan.tables import ImageRecord, Job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ def cancel_job(session: Session, job_id: str, actor: str) -> tuple[Job, int]:
 
 def _store_metrics(session: Session, job: Job) -> None:
     """Store the metrics of what the job scored before it was cancelled."""
-    from worker.job_metrics import compute_job_metrics
+    from worker.job_metrics import store_job_metrics
 
-    session.flush()
-    metrics = compute_job_metrics(session, job)
-    existing = session.get(JobMetrics, (job.id, job.model_version))
-    if existing is None:
-        session.add(JobMetrics(job_id=job.id, model_version=job.model_version, metrics=metrics))
-    else:
-        existing.metrics, existing.computed_at = metrics, utcnow()
+    store_job_metrics(session, job)

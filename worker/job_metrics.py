@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
-from skinscan.tables import ImageRecord, Job, Prediction
+from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction, utcnow
 
 
 def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
@@ -68,4 +68,16 @@ def null_unsupported(metrics: dict[str, Any]) -> dict[str, Any]:
             figures["precision"] = None
         if figures.get("recall") is None:  # never predicted but labelled: recall 0, so F1 0 stays
             figures["f1"] = None
+    return metrics
+
+
+def store_job_metrics(session: Session, job: Job) -> dict[str, Any]:
+    """Compute a job's metrics from its scored images and store them for its model version (replacing any)."""
+    session.flush()
+    metrics = compute_job_metrics(session, job)
+    existing = session.get(JobMetrics, (job.id, job.model_version))
+    if existing is None:
+        session.add(JobMetrics(job_id=job.id, model_version=job.model_version, metrics=metrics))
+    else:
+        existing.metrics, existing.computed_at = metrics, utcnow()
     return metrics

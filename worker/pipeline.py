@@ -16,7 +16,7 @@ from skinscan.db import session_scope
 from skinscan.registry import bundle_ref
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError, get_storage
-from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction, utcnow
+from skinscan.tables import ImageRecord, Job, Prediction, utcnow
 from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
@@ -215,14 +215,9 @@ def refresh_job(job_id: str, settings: Settings) -> None:
         job.total = sum(counts.values())
         job.updated_at = utcnow()
         if counts.get("pending", 0) == 0 and job.status in ("queued", "running"):
-            from worker.job_metrics import compute_job_metrics
+            from worker.job_metrics import store_job_metrics
 
-            metrics = compute_job_metrics(session, job)
-            existing = session.get(JobMetrics, (job.id, job.model_version))
-            if existing is None:
-                session.add(JobMetrics(job_id=job.id, model_version=job.model_version, metrics=metrics))
-            else:
-                existing.metrics, existing.computed_at = metrics, utcnow()
+            store_job_metrics(session, job)
             job.status = "done" if job.scored > 0 else "failed"
             if job.scored == 0:
                 job.error = "no image in this job could be scored"
