@@ -68,14 +68,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _slug(version: str) -> str:
     """The version as a storage key and folder name segment (anything but [A-Za-z0-9._-] becomes '_')."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", version).strip(".") or "_"
@@ -100,6 +92,8 @@ def storage_prefix(version: str, checksum: str) -> str:
 
 def bundle_files(folder: Path) -> dict[str, str]:
     """Return {relative name: SHA-256} of every file in a bundle folder (hidden files and caches left out)."""
+    from training.bundle import sha256_file  # one file hash for training and serving (no torch import)
+
     if not folder.is_dir():
         raise BundleStoreError(f"{folder} is not a bundle folder")
     files = {}
@@ -110,7 +104,7 @@ def bundle_files(folder: Path) -> dict[str, str]:
         name = rel.as_posix()
         if not _FILE_NAME.match(name) or len(name) > 200:
             raise BundleStoreError(f"bundle file name {name!r} is not allowed (letters, digits, '._-' only)")
-        files[name] = _sha256_file(path)
+        files[name] = sha256_file(path)
     if "metadata.json" not in files:
         raise BundleStoreError(f"{folder} is not a model bundle: metadata.json is missing")
     return files
@@ -148,6 +142,8 @@ def _read_manifest(data: bytes, ref: BundleRef, where: str) -> dict[str, str]:
 
 def verify_folder(folder: Path, ref: BundleRef) -> str | None:
     """Return None when a cached folder holds the registered bundle intact, else what is wrong with it."""
+    from training.bundle import sha256_file  # one file hash for training and serving (no torch import)
+
     try:
         files = _read_manifest((folder / MANIFEST_FILE).read_bytes(), ref, str(folder))
     except (OSError, ValueError, KeyError, BundleStoreError) as exc:
@@ -156,7 +152,7 @@ def verify_folder(folder: Path, ref: BundleRef) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256_file(path) != digest:
+        if sha256_file(path) != digest:
             return f"{name} does not match its checksum"
     return None
 
