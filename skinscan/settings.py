@@ -10,6 +10,7 @@ An empty variable counts as unset.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -182,7 +183,24 @@ def _database_url(raw: str, data_dir: Path) -> str:
 
 
 def load_settings() -> Settings:
-    """Read and validate settings from the environment; one ConfigError names every bad variable."""
+    """Read and validate settings from the environment; one ConfigError names every bad variable.
+
+    Reading costs a few milliseconds (pydantic validates every field), and a worker asks once per task: the
+    result is kept for as long as the environment and the working directory (relative paths) stay the same.
+    """
+    key = (frozenset(os.environ.items()), os.getcwd())
+    cached = _LOADED.get(key)
+    if cached is None:
+        cached = _read_settings()
+        _LOADED.clear()  # one environment at a time: a test that changes it gets a fresh read
+        _LOADED[key] = cached
+    return cached
+
+
+_LOADED: dict[tuple[frozenset[tuple[str, str]], str], Settings] = {}
+
+
+def _read_settings() -> Settings:
     try:
         values = environment_model()().model_dump()
     except ValidationError as exc:

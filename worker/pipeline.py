@@ -6,7 +6,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, literal, select, update
+from sqlalchemy import exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -40,7 +40,11 @@ def _insert(session: Session) -> Any:
 
 
 def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -> int:
-    """Insert predictions, skipping any (image, model version) already written; return rows written."""
+    """Insert predictions, skipping any (image, model version) already written; return rows written.
+
+    One statement compiled once per process and sent with every row's parameters (SQLAlchemy's "insert many
+    values" batching), not a multi-row VALUES built and compiled anew for each chunk.
+    """
     rows = [
         {
             "image_id": r.image_id, "model_version": scorer.version, "probabilities": r.probabilities,
@@ -52,17 +56,19 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
     ]
     if not rows:
         return 0
-    stmt = _insert(session)(Prediction).values(rows)
-    stmt = stmt.on_conflict_do_nothing(index_elements=["image_id", "model_version"])
-    return session.execute(stmt).rowcount or 0
+    stmt = (_insert(session)(Prediction.__table__).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+            .returning(Prediction.__table__.c.image_id))
+    return len(session.connection().execute(stmt, rows).all())
 
 
 def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[str | None, list[tuple[str, str, int]]]:
     """Mark the job running and fail the chunk's images already tried MAX_ATTEMPTS times, with the reason.
 
-    Returns the job's model version and the (image id, storage key, attempts so far) of the images still
-    pending, least-tried first; the version is None when the job is gone or finished. A job still uploading is
-    scored part by part and stays uploading (refresh_job finishes a job only once it is closed for uploads).
+    Returns the job's model version and the (image id, storage key, attempts before this delivery) of the images
+    still pending, least-tried first; the version is None when the job is gone or finished. On a first delivery
+    (no image tried yet) the try is counted here, in the same transaction, before anything is scored. A job still
+    uploading is scored part by part and stays uploading (refresh_job finishes a job only once it is closed for
+    uploads).
     """
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
@@ -73,26 +79,39 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
         job.updated_at = utcnow()
         reason = (f"could not be scored in {MAX_ATTEMPTS} attempts (the worker crashed, timed out or could not "
                   "reach a service each time)")
-        session.execute(
+        gave_up = session.execute(
             update(ImageRecord)
-                .where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending",
-                                ImageRecord.attempts >= MAX_ATTEMPTS)
+            .where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending",
+                   ImageRecord.attempts >= MAX_ATTEMPTS)
             .values(status="failed",
                     error=literal(reason) + func.coalesce(literal("; last error: ") + ImageRecord.error, ""))
-        )
+        ).rowcount or 0
+        job.failed += gave_up
         todo = session.execute(
             select(ImageRecord.id, ImageRecord.storage_key, ImageRecord.attempts).where(
                 ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending")
             .order_by(ImageRecord.attempts, ImageRecord.position)
         ).all()
+        if todo and _first_delivery(todo):
+            _count_attempt(session, job_id, [i for i, _, _ in todo])
         return job.model_version, [(i, k, a) for i, k, a in todo]
+
+
+def _first_delivery(todo: list[Any]) -> bool:
+    """Whether no image of the chunk has been tried yet (then it is scored as one batch)."""
+    return all(attempts == 0 for _, _, attempts in todo)
+
+
+def _count_attempt(session: Session, job_id: str, image_ids: list[str]) -> None:
+    session.execute(update(ImageRecord).where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id,
+                                              ImageRecord.status == "pending")
+                    .values(attempts=ImageRecord.attempts + 1))
 
 
 def count_attempt(job_id: str, image_ids: list[str], settings: Settings) -> None:
     """Count one try on pending images and commit it before they are scored (so a crash still counts)."""
     with session_scope(settings) as session:
-        session.execute(update(ImageRecord).where(ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id,
-                                            ImageRecord.status == "pending").values(attempts=ImageRecord.attempts + 1))
+        _count_attempt(session, job_id, image_ids)
 
 
 def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings) -> None:
@@ -103,18 +122,30 @@ def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings
 
 
 def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings: Settings) -> None:
-    """Write a chunk's predictions and image statuses in one transaction; a redelivered chunk changes nothing."""
+    """Write a chunk's predictions, image statuses and the job's counters in one transaction.
+
+    The counters move by the images this call took out of pending (a redelivered chunk moves them by nothing), so
+    a chunk costs no count over the job's images; the job is recounted in full once none is pending, when it
+    finishes (refresh_job).
+    """
     with session_scope(settings) as session:
         write_predictions(session, scorer, results)
         ok = [r.image_id for r in results if r.probabilities is not None]
+        scored = failed = 0
         if ok:
-            session.execute(update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.status == "pending")
-                            .values(status="scored", error=None))
+            scored = session.execute(update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.status == "pending")
+                                     .values(status="scored", error=None)).rowcount or 0
         for r in results:
             if r.error is not None:
-                session.execute(update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.status == "pending")
-                                .values(status="failed", error=r.error))
-    refresh_job(job_id, settings)
+                failed += session.execute(
+                    update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.status == "pending")
+                    .values(status="failed", error=r.error)).rowcount or 0
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(scored=Job.scored + scored, failed=Job.failed + failed, updated_at=utcnow()))
+        pending = session.scalar(select(exists().where(ImageRecord.job_id == job_id,
+                                                       ImageRecord.status == "pending")))
+    if not pending:
+        refresh_job(job_id, settings)
 
 
 def score_items(scorer: Scorer, storage: Storage, items: list[tuple[str, str | None]]) -> list[Scored]:
@@ -177,11 +208,13 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
     scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
                         referral_sensitivity=settings.referral_sensitivity)
     storage = get_storage(settings)
-    groups = [todo] if all(a == 0 for _, _, a in todo) else [[t] for t in todo]
+    first = _first_delivery(todo)  # claim_chunk has counted this try
+    groups = [todo] if first else [[t] for t in todo]
     scored, incomplete = 0, []
     for group in groups:
         ids = [i for i, _, _ in group]
-        count_attempt(job_id, ids, settings)
+        if not first:
+            count_attempt(job_id, ids, settings)
         try:
             results = score_items(scorer, storage, [(i, k) for i, k, _ in group])
         except TRANSIENT_ERRORS as exc:
