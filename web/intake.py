@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from skinscan import audit
-from skinscan.imaging import ACCEPTED_FORMATS, ImageError, sniff_format, strip_metadata
+from skinscan.imaging import ACCEPTED_FORMATS, ImageError, strip_metadata
 from skinscan.labels import GroundTruth, LabelFileError, LabelMatch, image_id_of, match_labels, parse_ground_truth
 from skinscan.orphans import UploadIntent, begin_upload, discard_upload, end_upload
 from skinscan.registry import ensure_production_model
@@ -168,30 +169,31 @@ def add_images(
     """
     intent = intent or begin_upload(settings, job.clinic_id, job.id)
     session.info.setdefault(UPLOAD_INTENTS, []).append(intent)
-    accepted, rejected, position = 0, [], start
+    accepted, rejected, rows = 0, [], []
+
+    def row(name: str, status: str, size: int, error: str | None = None, key: str | None = None,
+            digest: str | None = None, ctype: str | None = None) -> None:
+        rows.append({"id": new_id(), "job_id": job.id, "clinic_id": job.clinic_id, "position": start + len(rows),
+                     "filename": name, "storage_key": key, "sha256": digest, "size": size, "content_type": ctype,
+                     "status": status, "error": error, "attempts": 0, "created_at": utcnow()})
+
     for name, item in items:
-        if position - start >= settings.max_files:
+        if len(rows) >= settings.max_files:
             raise UploadError(f"more than {settings.max_files:,} files in one upload", 413)
         if isinstance(item, Rejected):
             rejected.append(item)
-            session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
-                              status="failed", error=item.error, size=0))
-            position += 1
+            row(name, "failed", 0, item.error)
             continue
-        try:
-            sniff_format(item)
+        try:  # strip_metadata checks the type and size first (sniff_format), refusing with ImageError
             key, digest, ctype, size = store_image(storage, intent.prefix, item)
         except ImageError as exc:
-            status = 415 if exc.unsupported else 400
-            rejected.append(Rejected(name, status, str(exc)))
-            session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
-                              status="failed", error=str(exc), size=len(item)))
-            position += 1
+            rejected.append(Rejected(name, 415 if exc.unsupported else 400, str(exc)))
+            row(name, "failed", len(item), str(exc))
             continue
-        session.add(ImageRecord(job_id=job.id, clinic_id=job.clinic_id, position=position, filename=name,
-                          storage_key=key, sha256=digest, size=size, content_type=ctype, status="pending"))
+        row(name, "pending", size, key=key, digest=digest, ctype=ctype)
         accepted += 1
-        position += 1
+    if rows:  # one multi-row INSERT for the part (no ORM object per image to flush)
+        session.execute(insert(ImageRecord), rows)
     job.refused = (job.refused or 0) + len(rejected)
     job.updated_at = utcnow()  # an upload in parts is alive; the stale-upload sweeper goes by this
     end_upload(session, intent)
