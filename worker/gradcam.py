@@ -213,5 +213,19 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
         return False
     storage.put(key, png, "image/png")
     storage.delete(_state_key(image, model_version))
+    if not _still_there(image_id, settings):
+        # Its job was deleted while this ran. A deletion commits its rows before it lists and removes the job's
+        # objects, so either that listing saw this heatmap or the row is gone by now and the heatmap goes here.
+        storage.delete(key)
+        log.info("Grad-CAM for image %s discarded: its job was deleted meanwhile", image_id)
+        return False
     log.info("Grad-CAM for image %s (model %s) cached", image_id, model_version)
     return True
+
+
+def _still_there(image_id: str, settings: Settings) -> bool:
+    """Whether the image's row still exists (a committed job deletion removes it)."""
+    from skinscan.db import session_scope
+
+    with session_scope(settings) as session:
+        return session.get(ImageRecord, image_id) is not None

@@ -105,6 +105,36 @@ def test_delete_removes_objects_from_s3_and_rows_from_postgres(stack, api, isic_
 
 
 @pytest.mark.services
+def test_heatmap_finished_after_its_job_was_deleted_is_not_left_behind(
+        api: Api, stack: Any, isic_test_images: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Grad-CAM task that was rendering while the job was deleted (rows committed gone, objects removed) stores
+    its heatmap after the deletion listed the job's objects: it sees the row gone and removes the heatmap."""
+    from test_web_pages import score_in_process
+
+    import worker.gradcam as gradcam
+
+    settings = stack.settings()
+    files, _ = isic_test_images(2)
+    job_id = api.submit(files).get_json()["id"]
+    score_in_process(settings, job_id)
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        version = job.model_version
+        image_id = session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == job_id)).first()
+    render = gradcam.render_heatmap
+
+    def render_then_delete(*args: Any, **kwargs: Any) -> bytes:
+        png = render(*args, **kwargs)
+        answer = api.client.delete(f"/api/v1/jobs/{job_id}", headers=api.headers())
+        assert answer.status_code == 200 and answer.get_json()["complete"], answer.get_json()
+        return png
+
+    monkeypatch.setattr(gradcam, "render_heatmap", render_then_delete)
+    assert gradcam.compute_heatmap(image_id, version, settings) is False
+    assert not {k for k in bucket_keys(stack) if k.startswith(f"{api.clinic_id}/{job_id}/")}
+
+
+@pytest.mark.services
 @pytest.mark.slow
 def test_cancel_stops_a_job_a_celery_worker_is_scoring(stack):
     """A 400-image job in chunks of one on a real worker: cancelled once scoring began, it ends `cancelled`; the
