@@ -124,3 +124,30 @@ def test_unreachable_server_raises() -> None:
     client = ObjectClient(Presigner("http://127.0.0.1:9", "us-east-1"), retries=1, backoff=0.01)
     with pytest.raises(OSError):
         client.request("GET", "/b/k?sig")
+
+
+def test_storage_without_credentials_sends_unsigned_requests(server: ThreadingHTTPServer,
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No credentials anywhere (a public bucket): plain object URLs, as boto3's presigner makes them then."""
+    from skinscan.storage import S3Storage
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    requests = []
+
+    class Recorder(_Flaky):
+        def _answer(self) -> None:
+            requests.append((self.command, self.path))
+            super()._answer()
+
+        do_GET = do_PUT = _answer
+
+    server.RequestHandlerClass = Recorder
+    storage = S3Storage("public-bucket", f"http://127.0.0.1:{server.server_port}")
+    storage.put("a b/1.jpg", b"jpeg", "image/jpeg")
+    assert storage.get("x/2.jpg") == b"object-bytes"
+    assert requests == [("PUT", "/public-bucket/a%20b/1.jpg"), ("GET", "/public-bucket/x/2.jpg")]
