@@ -320,3 +320,41 @@ def test_a_cancelled_image_is_not_waiting_for_review(api: Api, settings: Any, se
         assert unreviewed_flagged_count(session, job, MODEL_VERSION) == 2
         assert next_flagged_unreviewed(session, job, MODEL_VERSION, a) == ids["b.jpg"]
         assert risk_neighbours(session, job, MODEL_VERSION, a).next == ids["b.jpg"]
+
+
+def test_jobs_list_counts_flagged_and_unreviewed_in_a_fixed_number_of_queries(
+        app: Flask, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:
+    """Each row of the jobs list shows its job's flagged and flagged-but-unreviewed counts; the page's queries do
+    not grow with the number of jobs listed (one grouped query for the counts of the whole page)."""
+    from sqlalchemy import event
+
+    from skinscan.db import get_engine, session_scope
+    from skinscan.reviews import record_review
+    from skinscan.tables import ImageRecord
+
+    client, api, _ = _page_user(app, settings)
+
+    def listed() -> tuple[dict[str, tuple[int, int]], int]:
+        seen: list[str] = []
+        engine = get_engine(settings)
+        event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        try:
+            html = client.get("/jobs").text
+        finally:
+            engine.dispatch.before_cursor_execute.clear()
+        rows = re.findall(r'href="/jobs/([0-9a-f]+)".*?data-role="flagged">(\d+)</td>\s*'
+                          r'<td[^>]*data-role="unreviewed"[^>]*>(\d+)</td>', html, re.S)
+        return {j: (int(f), int(u)) for j, f, u in rows}, len(seen)
+
+    first, _ = _job(api, settings, jpeg)
+    second, ids = _job(api, settings, jpeg, {"a.jpg": 0.9, "b.jpg": 0.2})
+    with session_scope(settings) as session:
+        record_review(session, session.get(ImageRecord, ids["a.jpg"]), decision="agree", reviewer="r",
+                      user_id=None, version=MODEL_VERSION)
+    counts, queries_two_jobs = listed()
+    assert counts == {first: (3, 3), second: (1, 0)}
+    for _ in range(4):
+        _job(api, settings, jpeg)
+    counts, queries_six_jobs = listed()
+    assert len(counts) == 6 and counts[second] == (1, 0)
+    assert queries_six_jobs == queries_two_jobs

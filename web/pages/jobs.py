@@ -25,7 +25,7 @@ from web.pages.common import page_blueprint
 from web.pages.table import (
     PER_PAGE,
     TableQuery,
-    flagged_by_job,
+    flag_counts_by_job,
     refused_files,
     results_page,
     results_version,
@@ -54,9 +54,10 @@ def index():  # type: ignore[no-untyped-def]
     jobs = list(session.scalars(select(Job).where(Job.clinic_id == g.clinic.id)
                                 .order_by(Job.created_at.desc(), Job.id)
                                 .limit(JOBS_PER_PAGE).offset((page - 1) * JOBS_PER_PAGE)))
-    unreviewed = {job.id: unreviewed_flagged_count(session, job, results_version(session, job)) for job in jobs}
-    return render_template("jobs.html", jobs=jobs, page=page, pages=pages, total=total, unreviewed=unreviewed,
-                           flagged=flagged_by_job(session, jobs))
+    counts = flag_counts_by_job(session, jobs)
+    return render_template("jobs.html", jobs=jobs, page=page, pages=pages, total=total,
+                           flagged={j: f for j, (f, _) in counts.items()},
+                           unreviewed={j: u for j, (_, u) in counts.items()})
 
 
 @bp.get("/jobs/new")

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, and_, exists, func, not_, select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
-from skinscan.tables import ImageRecord, Job, Prediction
+from skinscan.tables import ImageRecord, Job, Prediction, Review
 from web.risk_order import NOT_SHOWN_STATUSES, ranked_ids, shown_join
 from web.risk_order import results_version as results_version  # re-exported for the pages
 
@@ -192,29 +192,33 @@ def tile_counts(session: Session, job: Job, version: str | None) -> tuple[dict[s
     return classes, flagged
 
 
-def flagged_by_job(session: Session, jobs: list[Job]) -> dict[str, int]:
-    """Return the flagged count of each listed job under the version its page shows, in one grouped query."""
+def flag_counts_by_job(session: Session, jobs: list[Job]) -> dict[str, tuple[int, int]]:
+    """Return each listed job's (flagged, flagged not yet reviewed) counts under the version its page shows, in
+    one grouped query for the whole list."""
     if not jobs:
         return {}
     prod = production_model(session)
     versions = {j.model_version for j in jobs if j.model_version} | ({prod.version} if prod else set())
-    counts: dict[tuple[str, str], tuple[int, int]] = {}
-    for job_id, version, n, flagged in session.execute(
-        select(ImageRecord.job_id, Prediction.model_version, func.count(),
-               func.count().filter(Prediction.flagged.is_(True)))
+    flagged = Prediction.flagged.is_(True)
+    reviewed = exists().where(Review.image_id == ImageRecord.id)
+    counts: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for job_id, version, n, n_flagged, n_unreviewed in session.execute(
+        select(ImageRecord.job_id, Prediction.model_version, func.count(), func.count().filter(flagged),
+               func.count().filter(and_(flagged, not_(reviewed))))
         .join(ImageRecord, ImageRecord.id == Prediction.image_id)
         .where(ImageRecord.job_id.in_([j.id for j in jobs]), Prediction.model_version.in_(versions),
                ImageRecord.status.not_in(NOT_SHOWN_STATUSES))
         .group_by(ImageRecord.job_id, Prediction.model_version)
     ).all():
-        counts[(job_id, version)] = (int(n), int(flagged or 0))
+        counts[(job_id, version)] = (int(n), int(n_flagged or 0), int(n_unreviewed or 0))
     out = {}
     for job in jobs:
         shown = job.model_version
         if prod is not None and prod.version != job.model_version and job.scored:
-            if counts.get((job.id, prod.version), (0, 0))[0] >= job.scored:
+            if counts.get((job.id, prod.version), (0, 0, 0))[0] >= job.scored:
                 shown = prod.version
-        out[job.id] = counts.get((job.id, shown or ""), (0, 0))[1]
+        _, n_flagged, n_unreviewed = counts.get((job.id, shown or ""), (0, 0, 0))
+        out[job.id] = (n_flagged, n_unreviewed)
     return out
 
 
