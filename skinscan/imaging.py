@@ -59,6 +59,16 @@ def sniff_format(data: bytes) -> str:
     Reads the header only: the type, the dimensions (too large or too small is refused here) and the frame count.
     A multi-picture JPEG (MPO, as some cameras write) counts as JPEG: its first picture is the image.
     """
+    img, fmt = _open_checked(data)
+    img.close()
+    return fmt
+
+
+def _open_checked(data: bytes) -> tuple[Image.Image, str]:
+    """Open image bytes lazily (header only) after sniff_format's checks; return the image and its format.
+
+    The caller owns the open image: decoding goes on from it, so the header is parsed once per image.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     head = data[:512].lstrip().lower()
@@ -66,28 +76,35 @@ def sniff_format(data: bytes) -> str:
         raise ImageError("not a supported image: SVG/HTML/XML text", unsupported=True)
     if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftyphevc", b"ftypavif"):
         raise ImageError("HEIC/AVIF images are not supported; export as JPEG or PNG", unsupported=True)
+    img = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                if fmt == "MPO":
-                    fmt, frames = "JPEG", 1
-                else:
-                    frames = getattr(img, "n_frames", 1) if fmt in ACCEPTED_FORMATS else 1
-                width, height = img.size
-                mode = img.mode
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or ""
+            if fmt == "MPO":
+                fmt, frames = "JPEG", 1
+            else:
+                frames = getattr(img, "n_frames", 1) if fmt in ACCEPTED_FORMATS else 1
+            width, height = img.size
+            mode = img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image dimensions too large (possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise ImageError("not a recognised image file", unsupported=True) from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad headers
+        if img is not None:
+            img.close()
         raise ImageError(f"unreadable image header: {exc}") from None
-    if fmt not in ACCEPTED_FORMATS:
-        raise ImageError(f"{fmt or 'this'} images are not supported; use JPEG, PNG, BMP or TIFF",
-                         unsupported=True)
-    _check_size(fmt, width, height, frames, mode)
-    return fmt
+    try:
+        if fmt not in ACCEPTED_FORMATS:
+            raise ImageError(f"{fmt or 'this'} images are not supported; use JPEG, PNG, BMP or TIFF",
+                             unsupported=True)
+        _check_size(fmt, width, height, frames, mode)
+    except ImageError:
+        img.close()
+        raise
+    return img, fmt
 
 
 def _to_eight_bit(img: Image.Image) -> Image.Image:
@@ -144,11 +161,10 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     With draft_size, JPEGs decode straight at the smallest scale (1/2, 1/4, 1/8) whose shorter side is still
     at least draft_size, which is several times faster for large photographs.
     """
-    fmt = sniff_format(data)
+    img, fmt = _open_checked(data)  # the checks of sniff_format, on the image decoded next
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
             width, height = img.size
             orientation = _orientation(img)
             if draft_size and fmt == "JPEG":
