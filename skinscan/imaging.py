@@ -293,10 +293,10 @@ def strip_metadata(data: bytes) -> tuple[bytes, str]:
     would turn it. PNG and BMP are decoded and written as a fresh lossless PNG in their own mode (upright); TIFF
     (whose tags can hold anything, and whose modes PNG may not hold) as a lossless 8-bit RGB PNG.
     """
-    fmt = sniff_format(data)
+    header, fmt = _open_checked(data)  # sniff_format's checks; its EXIF says whether a JPEG is rotated
+    with header:
+        rotated = fmt == "JPEG" and _orientation(header) != 1
     if fmt == "JPEG":
-        with Image.open(io.BytesIO(data)) as img:
-            rotated = _orientation(img) != 1
         rebuilt = None if rotated else _rebuild_jpeg(data)
         if rebuilt is not None:
             return rebuilt, fmt
