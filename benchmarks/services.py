@@ -88,6 +88,27 @@ def wait_http(url: str, timeout: float, proc: Proc | None = None) -> None:
         time.sleep(0.3)
 
 
+class KeepAliveS3:
+    """moto's S3 (in memory) under gunicorn: one process, threads, keep-alive connections like S3 and MinIO."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
+                "--worker-class", "gthread", "--threads", "16", "--keep-alive", "75", "--log-level", "warning",
+                "benchmarks.s3_app:app"]
+        self.proc = Proc(argv, dict(os.environ), workdir / "s3-server.log")
+        wait_http(f"{self.url}/", timeout=120, proc=self.proc)  # moto answers the bucket listing
+
+    def pids(self) -> list[int]:
+        """The server's processes (gunicorn's arbiter and its worker)."""
+        return self.proc.pids()
+
+    def close(self) -> None:
+        """Stop the server."""
+        self.proc.stop()
+
+
 def free_port() -> int:
     """A free loopback TCP port."""
     from realservices import free_port as _free_port
