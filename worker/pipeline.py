@@ -40,22 +40,21 @@ def _insert(session: Session) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-# PostgreSQL: a chunk's predictions as one fixed statement over arrays, one per column. Its text never changes,
-# so it is parsed once per connection; a multi-row VALUES of a chunk (288 placeholders) is longer than psycopg's
-# query cache takes and cost ~4 ms of client CPU a chunk to re-parse.
-_INSERT_UNNEST = text(
+# PostgreSQL: a chunk's predictions as one fixed statement over one JSON document of the rows. Its text never
+# changes, so it is parsed once per connection; a multi-row VALUES of a chunk (288 placeholders) is longer than
+# psycopg's query cache takes and cost ~4 ms of client CPU a chunk to re-parse.
+_INSERT_JSON_ROWS = text(
     "INSERT INTO predictions (image_id, model_version, probabilities, label, confidence, malignancy, flagged,"
-    " created_at) SELECT t.image_id, :version, CAST(t.probabilities AS json), t.label, t.confidence, t.malignancy,"
-    " t.flagged, :created_at FROM unnest(CAST(:image_ids AS varchar[]), CAST(:probabilities AS text[]),"
-    " CAST(:labels AS varchar[]), CAST(:confidences AS float8[]), CAST(:malignancies AS float8[]),"
-    " CAST(:flags AS boolean[])) AS t(image_id, probabilities, label, confidence, malignancy, flagged)"
+    " created_at) SELECT r.image_id, :version, r.probabilities, r.label, r.confidence, r.malignancy, r.flagged,"
+    " :created_at FROM json_to_recordset(CAST(:rows AS json)) AS r(image_id varchar, probabilities json,"
+    " label varchar, confidence float8, malignancy float8, flagged boolean)"
     " ON CONFLICT (image_id, model_version) DO NOTHING RETURNING image_id")
 
 
 def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -> int:
     """Insert predictions, skipping any (image, model version) already written; return rows written.
 
-    On PostgreSQL one fixed statement over column arrays; elsewhere one statement compiled once per process and
+    On PostgreSQL one fixed statement over a JSON document of the rows; elsewhere one statement compiled once per process and
     sent with every row's parameters (SQLAlchemy's "insert many values" batching).
     """
     rows = [
@@ -70,12 +69,10 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":
-        columns = {"image_ids": "image_id", "labels": "label", "confidences": "confidence",
-                   "malignancies": "malignancy", "flags": "flagged"}
-        params = {name: [r[col] for r in rows] for name, col in columns.items()}
-        params["probabilities"] = [json.dumps(r["probabilities"]) for r in rows]
-        return len(session.execute(_INSERT_UNNEST, {**params, "version": scorer.version,
-                                                    "created_at": utcnow()}).all())
+        fields = ("image_id", "probabilities", "label", "confidence", "malignancy", "flagged")
+        document = json.dumps([{f: r[f] for f in fields} for r in rows])
+        return len(session.execute(_INSERT_JSON_ROWS, {"rows": document, "version": scorer.version,
+                                                       "created_at": utcnow()}).all())
     stmt = (_insert(session)(Prediction.__table__).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
             .returning(Prediction.__table__.c.image_id))
     return len(session.connection().execute(stmt, rows).all())
