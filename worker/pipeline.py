@@ -54,8 +54,8 @@ _INSERT_JSON_ROWS = text(
 def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -> int:
     """Insert predictions, skipping any (image, model version) already written; return rows written.
 
-    On PostgreSQL one fixed statement over a JSON document of the rows; elsewhere one statement compiled once per process and
-    sent with every row's parameters (SQLAlchemy's "insert many values" batching).
+    On PostgreSQL one fixed statement over a JSON document of the rows; elsewhere one statement compiled once per
+    process and sent with every row's parameters (SQLAlchemy's "insert many values" batching).
     """
     rows = [
         {
