@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import http.client
 import logging
+import os
 import ssl
 import threading
 import time
@@ -124,8 +125,11 @@ class ObjectClient:
         self.retries, self.backoff = retries, backoff
         self._ssl = ssl.create_default_context(cafile=ca_file) if presigner.scheme == "https" else None
         self._local = threading.local()
+        self._pid = os.getpid()
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._pid != os.getpid():  # a forked child (Celery's pool) never shares its parent's sockets
+            self._local, self._pid = threading.local(), os.getpid()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             p = self.presigner

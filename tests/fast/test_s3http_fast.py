@@ -151,3 +151,23 @@ def test_storage_without_credentials_sends_unsigned_requests(server: ThreadingHT
     storage.put("a b/1.jpg", b"jpeg", "image/jpeg")
     assert storage.get("x/2.jpg") == b"object-bytes"
     assert requests == [("PUT", "/public-bucket/a%20b/1.jpg"), ("GET", "/public-bucket/x/2.jpg")]
+
+
+def test_a_forked_child_opens_its_own_connection(server: ThreadingHTTPServer) -> None:
+    """A pool process forked after the parent used the client must not write on the parent's socket."""
+    import os
+
+    client = _client(server)
+    assert client.request("GET", "/b/parent?sig").status == 200
+    parent = client._connection()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, and it works
+        try:
+            ok = client._connection() is not parent and client.request("GET", "/b/child?sig").status == 200
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    assert client._connection() is parent and client.request("GET", "/b/again?sig").status == 200

@@ -78,7 +78,10 @@ def test_connection_error_in_existence_check_is_an_outage(stack, good_images, ca
         stack.s3_proxy.restore()
     assert [(s, a) for s, _, a in states(settings, job_id)] == [("pending", 1), ("pending", 1)]
     assert all(e.startswith("StorageError: ") for _, e, _ in states(settings, job_id))
-    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    # SkinScan's own logs only: a pooled connection of an earlier test's (dropped) database that the garbage
+    # collector finalises here logs through sqlalchemy.pool, which says nothing about this pipeline.
+    own = [r for r in caplog.records if r.exc_info and r.name.split(".")[0] in ("worker", "skinscan", "web")]
+    assert not own, [r.getMessage() for r in own]
     assert pipeline.score_chunk(job_id, [i for i, _ in rows], settings) == 2  # storage back: scored
 
 
