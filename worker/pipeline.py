@@ -57,12 +57,13 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
     On PostgreSQL one fixed statement over a JSON document of the rows; elsewhere one statement compiled once per
     process and sent with every row's parameters (SQLAlchemy's "insert many values" batching).
     """
+    now = utcnow()  # one time for the chunk's rows, on every database
     rows = [
         {
             "image_id": r.image_id, "model_version": scorer.version, "probabilities": r.probabilities,
             "label": r.label, "confidence": max(r.probabilities.values()),
             "malignancy": round(scorer.malignancy(r.probabilities), 6), "flagged": scorer.flagged(r.probabilities),
-            "created_at": utcnow(),
+            "created_at": now,
         }
         for r in results if r.probabilities is not None
     ]
@@ -72,7 +73,7 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
         fields = ("image_id", "probabilities", "label", "confidence", "malignancy", "flagged")
         document = json.dumps([{f: r[f] for f in fields} for r in rows])
         return len(session.execute(_INSERT_JSON_ROWS, {"rows": document, "version": scorer.version,
-                                                       "created_at": utcnow()}).all())
+                                                       "created_at": now}).all())
     stmt = (_insert(session)(Prediction.__table__).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
             .returning(Prediction.__table__.c.image_id))
     return len(session.connection().execute(stmt, rows).all())
