@@ -17,6 +17,7 @@ from skinscan.cli import main
 from skinscan.labels import CLASSES
 from training.bundle import BundleError, load_bundle, sha256_file
 from training.evaluate import _tta_logits, age_band, evaluate
+from training.perturb import VARIANTS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = (
@@ -82,7 +83,13 @@ def _check_outputs(out: Path, report: dict[str, Any], n: int) -> list[dict[str, 
     assert list(rows[0]) == ["image_id", "label", "predicted", *[f"prob_{c}" for c in CLASSES]]
     probs = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    assert [r["predicted"] for r in rows] == [CLASSES[i] for i in probs.argmax(axis=1)]
+    # "predicted" is the bundle's decision: arg-max of log-probability plus its class-prior offsets.
+    offsets = np.asarray(report["decision"]["logit_offsets"])
+    decided = (np.log(np.clip(probs, 1e-12, 1)) + offsets).argmax(axis=1)
+    agree = np.mean([r["predicted"] == CLASSES[i] for r, i in zip(rows, decided, strict=True)])
+    assert agree >= 0.95  # the CSV's six-decimal probabilities can flip a near tie
+    if not offsets.any():
+        assert [r["predicted"] for r in rows] == [CLASSES[i] for i in probs.argmax(axis=1)]
     assert np.mean([r["label"] == r["predicted"] for r in rows]) == pytest.approx(report["accuracy"])
     labels = [CLASSES.index(r["label"]) for r in rows]
     assert np.bincount(labels, minlength=len(CLASSES)).tolist() == matrix.sum(axis=1).tolist()
@@ -291,3 +298,28 @@ def test_split_file_limits_evaluation_to_one_split(smoke_bundle: Path, ham_eval:
     assert report["n_images"] == len(ids[::3])
     with pytest.raises(Exception, match="no image"):
         evaluate(smoke_bundle, ham_eval, tmp_path / "r2.json", split_file=split_csv, split="val")
+
+
+def test_evaluate_with_perturb_reports_every_variant(smoke_bundle: Path, ham_eval: Path, tmp_path: Path) -> None:
+    """`--perturb`: the same images under each robustness variant, with balanced accuracy (decision rule and plain
+    arg-max), melanoma AUC and predicted class counts beside the true ones, and a plot."""
+    out = tmp_path / "robust.json"
+    code = main(["evaluate", "--model", str(smoke_bundle), "--data", str(ham_eval), "--out", str(out),
+                 "--backend", "onnx", "--threads", "1", "--perturb"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    robustness = report["robustness"]
+    assert list(robustness) == list(VARIANTS)
+    clean = robustness["clean"]
+    assert clean["balanced_accuracy"] == pytest.approx(report["balanced_accuracy"])
+    assert clean["balanced_accuracy_plain"] == pytest.approx(report["plain_argmax"]["balanced_accuracy"])
+    for name, row in robustness.items():
+        assert row["true_counts"] == clean["true_counts"], name
+        assert sum(row["predicted_counts"].values()) == 60, name
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["melanoma_auc"] is not None, name
+        assert row["balanced_accuracy_change"] == pytest.approx(row["balanced_accuracy"] - clean["balanced_accuracy"])
+        assert row["melanoma_calls_ratio"] == pytest.approx(row["predicted_counts"]["mel"] / row["true_counts"]["mel"])
+    # The perturbations change what the network sees: not every variant gives the clean figures.
+    assert len({round(r["melanoma_auc"], 6) for r in robustness.values()}) > 3
+    png = out.with_name("robust_robustness.png")
+    assert report["files"]["robustness"] == png.name and png.read_bytes()[:8] == PNG_MAGIC

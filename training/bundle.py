@@ -95,16 +95,38 @@ def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
     raise BundleError(f"cannot find the classification head of {type(model).__name__}")
 
 
+def decide(probs: np.ndarray, logit_offsets: np.ndarray | None = None) -> np.ndarray:
+    """Return the predicted class per row: arg-max of log-probabilities plus per-class offsets (plain arg-max
+    without offsets). The probabilities themselves stay as calibrated; only the decision moves."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if logit_offsets is None or not np.any(logit_offsets):
+        return probs.argmax(axis=1)
+    return (np.log(np.clip(probs, 1e-12, 1.0)) + np.asarray(logit_offsets)[None, :]).argmax(axis=1)
+
+
+RESIZE_MODES = ("squash", "crop")
+
+
 def resize_crop(img: Image.Image, resize_size: int, crop: int, colour_constancy: str = "none", power: float = 6.0,
-                interpolation: str = "bilinear") -> Image.Image:
-    """Resize the shorter side to resize_size, apply colour constancy, centre-crop a crop x crop square: the one
-    preprocessing of training, evaluation and scoring."""
+                interpolation: str = "bilinear", mode: str = "crop") -> Image.Image:
+    """The one preprocessing of training, evaluation and scoring. mode "squash": the whole image resized to
+    crop x crop, whatever its aspect ratio (a 4:3 file and the same file already squashed to a square give the same
+    input); mode "crop" (bundles before 2026-12): shorter side to resize_size, then a centre crop x crop square.
+    Colour constancy, if any, after the resize."""
+    if mode not in RESIZE_MODES:
+        raise BundleError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+    resample = INTERPOLATIONS.get(interpolation, Image.Resampling.BILINEAR)
     width, height = img.size
-    scale = resize_size / min(width, height)
-    new = (max(crop, round(width * scale)), max(crop, round(height * scale)))
-    img = img.resize(new, INTERPOLATIONS.get(interpolation, Image.Resampling.BILINEAR), reducing_gap=None)
+    if mode == "squash":
+        new = (crop, crop)
+    else:
+        scale = resize_size / min(width, height)
+        new = (max(crop, round(width * scale)), max(crop, round(height * scale)))
+    img = img.resize(new, resample, reducing_gap=None)
     if colour_constancy != "none":
         img = Image.fromarray(apply_colour_constancy(np.asarray(img), colour_constancy, power))
+    if mode == "squash":
+        return img
     left, top = (new[0] - crop) // 2, (new[1] - crop) // 2
     return img.crop((left, top, left + crop, top + crop))
 
@@ -178,11 +200,26 @@ class Bundle:
         """Malignancy-score threshold of the operating point for a target sensitivity (None: the bundle's default)."""
         return referral_threshold(self.meta, sensitivity)
 
+    @property
+    def resize_mode(self) -> str:
+        """How an image becomes the square input: "squash" (whole image) or "crop" (centre crop, older bundles)."""
+        return str(self.meta.get("resize_mode", "crop"))
+
+    @property
+    def logit_offsets(self) -> np.ndarray:
+        """Per-class offsets added to log-probabilities before the arg-max decision (zeros when none shipped)."""
+        offsets = (self.meta.get("decision") or {}).get("logit_offsets")
+        return np.zeros(len(self.classes)) if offsets is None else np.asarray(offsets, dtype=np.float64)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class index per row of calibrated probabilities, with the bundle's decision offsets."""
+        return decide(probs, self.logit_offsets)
+
     def resize_crop(self, img: Image.Image) -> Image.Image:
-        """Resize the shorter side to resize_size, correct colour as in training, centre-crop to input_size."""
+        """Resize (and, in crop mode, centre-crop) to input_size with the bundle's colour correction."""
         power = float((self.meta.get("colour_constancy") or {}).get("power", 6.0))
         return resize_crop(img, self.resize_size, self.input_size, self.colour_constancy, power,
-                           str(self.meta.get("interpolation", "bilinear")))
+                           str(self.meta.get("interpolation", "bilinear")), self.resize_mode)
 
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
         """Turn an N x H x W x 3 uint8 batch into the N x 3 x H x W float32 tensor the network takes."""

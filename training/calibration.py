@@ -68,3 +68,39 @@ def operating_points(
         points.append({"target_sensitivity": target, "threshold": threshold}
                       | flag_figures(y, malignant_score, threshold))
     return points
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, present: np.ndarray) -> float:
+    return float(np.mean([(pred[y == c] == c).mean() for c in present]))
+
+
+def fit_logit_offsets(
+    probs: np.ndarray, y_true: np.ndarray, span: float = 3.0, step: float = 0.05, rounds: int = 4,
+) -> np.ndarray:
+    """Per-class log-prior corrections that maximise balanced accuracy on (validation) probabilities, by
+    coordinate ascent over a grid; among equally good values the one nearest zero wins, and the offsets are
+    centred on the most frequent class (its offset is 0), so that they only re-balance the decision."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    present = np.unique(y)
+    anchor = int(np.bincount(y, minlength=probs.shape[1]).argmax())
+    offsets = np.zeros(probs.shape[1])
+    grid = np.round(np.arange(-span, span + step / 2, step), 6)
+    grid = grid[np.argsort(np.abs(grid), kind="stable")]  # nearest zero first: ties keep the smaller correction
+    best = _balanced_accuracy(y, (logp + offsets).argmax(1), present)
+    for _ in range(rounds):
+        moved = False
+        for c in range(probs.shape[1]):
+            if c == anchor or c not in present:
+                continue
+            current = offsets[c]
+            for value in grid:
+                offsets[c] = value
+                score = _balanced_accuracy(y, (logp + offsets).argmax(1), present)
+                if score > best + 1e-12:
+                    best, current, moved = score, value, True
+            offsets[c] = current
+        if not moved:
+            break
+    return offsets

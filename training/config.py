@@ -24,8 +24,13 @@ class TrainConfig:
     out: str = field(metadata={"help": "run folder (arguments, splits, logs, checkpoints, bundle)"})
     arch: str = _opt("tf_efficientnet_lite0", "timm (tf_efficientnet_lite0/1/2) or torchvision architecture name")
     input_size: int = _opt(160, "side of the square network input")
-    resize_size: int = _opt(0, "shorter side before the centre crop (0: the input size, so HAM10000's 200x150 "
-                               "images keep their whole height)")
+    resize_mode: str = _opt("squash", "squash: the whole image resized to the input square (a file and its copy "
+                                      "squashed to square look alike); crop: shorter side to --resize-size, "
+                                      "centre crop", choices=("squash", "crop"))
+    resize_size: int = _opt(0, "crop mode: shorter side before the centre crop (0: the input size, so "
+                               "HAM10000's 200x150 images keep their whole height)")
+    aspect_range: float = _opt(1.7, "random squash and stretch of every training image, up to this aspect ratio "
+                                    "either way (1: none)")
     epochs: int = _opt(8, "epochs (with --resume: the new total)")
     batch_size: int = _opt(32, "images per training step")
     lr: float = _opt(1e-3, "peak learning rate of the new head")
@@ -38,7 +43,10 @@ class TrainConfig:
     colour_constancy: str = _opt("none", "colour correction applied in training and serving alike (Shades of "
                                          "Gray was tried for the shipped model; see the model card)",
                                  choices=COLOUR_METHODS)
-    extra_weight: float = _opt(2.0, "sampling weight of an --extra-train image relative to a main one")
+    extra_weight: float = _opt(2.0, "sampling weight of an --extra-train image relative to a main one (each set's "
+                                    "classes are sampled at one common prior)")
+    variant_cap: int = _opt(120, "images per class of the validation split scored under every robustness "
+                                 "variant each epoch (0: clean validation only); model choice averages them")
     val_fraction: float = _opt(0.15, "share of the main set's lesions in the validation split")
     test_fraction: float = _opt(0.15, "share of the main set's lesions in the test split")
     seed: int = _opt(0, "seed of the split, sampling, augmentation and initialisation")
@@ -59,7 +67,7 @@ class TrainConfig:
                                     "(repeatable)", metavar="DATA")
 
     def __post_init__(self) -> None:
-        if not self.resize_size:
+        if not self.resize_size or self.resize_mode == "squash":
             self.resize_size = self.input_size
         if self.pretrained in ("", "none"):
             self.pretrained = None

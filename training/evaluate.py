@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from training.bundle import METADATA_FILE, Bundle, load_bundle
 from training.calibration import flag_figures, softmax
 from training.datasets import Dataset, DatasetError, Sample, read_dataset
 from training.metrics import ECE_BINS, classification_report, expected_calibration_error, reliability_bins
+from training.perturb import VARIANT_HELP, VARIANTS, apply_variant
 from training.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,11 @@ def _group_figures(
     return out
 
 
-def subgroup_report(samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
-                    classes: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Return per-sex, per-age-band and per-body-site figures, for the attributes the metadata has."""
-    pred = probs.argmax(axis=1)
+def subgroup_report(samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                    pred: np.ndarray | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return per-sex, per-age-band and per-body-site figures, for the attributes the metadata has (decisions:
+    pred, else the arg-max of probs)."""
+    pred = probs.argmax(axis=1) if pred is None else pred
     attributes = {
         "sex": [_first(s.meta, SEX_KEYS) for s in samples],
         "age_band": [age_band(s.meta) for s in samples],
@@ -113,17 +116,22 @@ def subgroup_report(samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
 
 
 def _batches(samples: Sequence[Sample], bundle: Bundle, batch_size: int,
-             skipped: list[dict[str, str]]) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (sample indices, N x 3 x S x S float32 batch) decoded and preprocessed as the bundle says."""
+             skipped: list[dict[str, str]], variant: str = "clean") -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (sample indices, N x 3 x S x S float32 batch) decoded, perturbed by a robustness variant ("clean":
+    as they are) and preprocessed as the bundle says."""
     indices: list[int] = []
     crops: list[np.ndarray] = []
-    for i, sample in enumerate(tqdm(samples, desc="evaluating", unit="img", mininterval=2)):
+    desc = "evaluating" if variant == "clean" else f"evaluating {variant}"
+    for i, sample in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=2)):
         try:
-            img = decode_rgb(sample.path.read_bytes(), draft_size=bundle.resize_size)
+            # A perturbed copy starts from the full-size image, as another clinic's file would.
+            img = decode_rgb(sample.path.read_bytes(), draft_size=bundle.resize_size if variant == "clean" else None)
         except (ImageError, OSError) as exc:
             log.warning("skipping %s (%s): %s", sample.image_id, sample.path, exc)
             skipped.append({"image_id": sample.image_id, "reason": str(exc)})
             continue
+        if variant != "clean":
+            img = Image.fromarray(apply_variant(variant, np.asarray(img)))
         indices.append(i)
         crops.append(np.asarray(bundle.resize_crop(img)))
         if len(crops) == batch_size:
@@ -227,14 +235,84 @@ def plot_reliability(y: np.ndarray, probs: np.ndarray, probs_uncalibrated: np.nd
 
 
 def write_predictions(path: Path, samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
-                      classes: Sequence[str]) -> None:
-    """Write image_id, label, predicted and the calibrated probability of every class per image."""
+                      classes: Sequence[str], predicted: np.ndarray | None = None) -> None:
+    """Write image_id, label, predicted (the bundle's decision; arg-max if none given) and the calibrated
+    probability of every class per image."""
+    predicted = probs.argmax(axis=1) if predicted is None else predicted
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image_id", "label", "predicted", *[f"prob_{c}" for c in classes]])
-        for sample, label, row in zip(samples, y, probs, strict=True):
-            writer.writerow([sample.image_id, classes[label], classes[int(row.argmax())],
-                             *[f"{p:.6f}" for p in row]])
+        for sample, label, row, pred in zip(samples, y, probs, predicted, strict=True):
+            writer.writerow([sample.image_id, classes[label], classes[int(pred)], *[f"{p:.6f}" for p in row]])
+
+
+def _decision_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a report that depend on the decision rule: balanced accuracy, recalls, predicted counts."""
+    return {
+        "balanced_accuracy": report["balanced_accuracy"], "accuracy": report["accuracy"],
+        "recall": {c: f["recall"] for c, f in report["per_class"].items()},
+        "predicted_counts": report["predicted_counts"],
+    }
+
+
+def robustness_report(bundle: Bundle, predictor: Predictor, samples: Sequence[Sample], y: np.ndarray,
+                      clean: dict[str, Any], batch_size: int, tta: bool) -> dict[str, Any]:
+    """Score the same images under every robustness variant: per variant balanced accuracy (decision rule and
+    plain arg-max), macro and melanoma AUC, predicted and true class counts, and each figure's change from clean."""
+    classes = bundle.classes
+    out: dict[str, Any] = {}
+    for variant in VARIANTS:
+        if variant == "clean":
+            rep, plain = clean, clean["plain_argmax"]
+        else:
+            skipped: list[dict[str, str]] = []
+            parts = [_tta_logits(predictor, batch, tta)
+                     for _, batch in _batches(samples, bundle, batch_size, skipped, variant)]
+            if skipped:  # the clean pass decoded every one of these images: a variant cannot lose one
+                raise DatasetError(f"{len(skipped)} images failed under {variant}: {skipped[0]['reason']}")
+            probs = softmax(np.concatenate(parts).astype(np.float64), bundle.temperature)
+            rep = classification_report(y, probs, classes, known_labels=clean["known_labels"],
+                                        logit_offsets=bundle.logit_offsets)
+            plain = _decision_figures(classification_report(y, probs, classes, known_labels=clean["known_labels"]))
+        true_mel = rep["true_counts"]["mel"]
+        out[variant] = {
+            "description": VARIANT_HELP[variant],
+            "balanced_accuracy": rep["balanced_accuracy"], "balanced_accuracy_plain": plain["balanced_accuracy"],
+            "macro_auc": rep["macro_auc"], "melanoma_auc": rep["melanoma"]["auc"],
+            "predicted_counts": rep["predicted_counts"], "true_counts": rep["true_counts"],
+            "melanoma_calls_ratio": (rep["predicted_counts"]["mel"] / true_mel) if true_mel else None,
+            "balanced_accuracy_change": rep["balanced_accuracy"] - clean["balanced_accuracy"],
+        }
+        log.info("robustness %s: balanced accuracy %.4f (plain %.4f), melanoma AUC %s, melanoma calls %d of %d",
+                 variant, rep["balanced_accuracy"], plain["balanced_accuracy"],
+                 "n/a" if rep["melanoma"]["auc"] is None else f"{rep['melanoma']['auc']:.4f}",
+                 rep["predicted_counts"]["mel"], true_mel)
+    return out
+
+
+def plot_robustness(robustness: dict[str, Any], classes: Sequence[str], path: Path, title: str,
+                    melanoma_only: bool) -> None:
+    """Bar charts per variant: balanced accuracy (melanoma AUC for a melanoma-only set) and melanoma calls
+    against the true count."""
+    names = list(robustness)
+    fig = Figure(figsize=(10, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    key = "melanoma_auc" if melanoma_only else "balanced_accuracy"
+    values = [robustness[n][key] or 0.0 for n in names]
+    ax1.barh(names, values, color="#4c72b0")
+    ax1.axvline(values[0], color="k", lw=0.8, ls="--")
+    ax1.set_xlabel("melanoma AUC" if melanoma_only else "balanced accuracy (decision rule)")
+    ax1.invert_yaxis()
+    ratios = [robustness[n]["melanoma_calls_ratio"] or 0.0 for n in names]
+    ax2.barh(names, ratios, color="#c44e52")
+    for x in (0.8, 1.0, 1.2):
+        ax2.axvline(x, color="k", lw=0.8, ls="-" if x == 1.0 else ":")
+    ax2.set_xlabel("images called melanoma / truly melanoma")
+    ax2.invert_yaxis()
+    ax2.set_yticklabels([])
+    fig.suptitle(f"Robustness: {title}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def referral_report(bundle: Bundle, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -272,6 +350,7 @@ def output_paths(out_json: str | Path) -> dict[str, Path]:
         "confusion": out.with_name(f"{stem}_confusion.png"),
         "roc": out.with_name(f"{stem}_roc.png"),
         "reliability": out.with_name(f"{stem}_reliability.png"),
+        "robustness": out.with_name(f"{stem}_robustness.png"),
     }
 
 
@@ -334,10 +413,12 @@ def evaluate(
     threads: int | None = None,
     split_file: str | Path | None = None,
     split: str = "test",
+    perturb: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a bundle (the packaged default when None) on a dataset; write the report, CSV and plots.
 
-    With split_file (a splits.csv written by `skinscan train`), only the images of that split are used.
+    With split_file (a splits.csv written by `skinscan train`), only the images of that split are used. With
+    perturb, the report adds the robustness report: the same images under every variant of `training.perturb`.
     """
     if bundle_path is None:
         from skinscan.bundles import default_bundle_path
@@ -379,7 +460,9 @@ def evaluate(
     probs = softmax(logits, bundle.temperature)
     probs_uncalibrated = softmax(logits, 1.0)
 
-    report = classification_report(y, probs, classes, known_labels=dataset.known_labels)
+    offsets = bundle.logit_offsets
+    report = classification_report(y, probs, classes, known_labels=dataset.known_labels, logit_offsets=offsets)
+    plain = classification_report(y, probs, classes, known_labels=dataset.known_labels)
     melanoma_only = dataset.melanoma_only
     report.update({
         "model_version": bundle.version,
@@ -394,8 +477,11 @@ def evaluate(
         "melanoma_only": melanoma_only,
         "headline": ({"metric": "melanoma_auc", "value": report["melanoma"]["auc"]} if melanoma_only
                      else {"metric": "balanced_accuracy", "value": report["balanced_accuracy"]}),
-        "subgroups": subgroup_report(samples, y, probs, classes),
+        "subgroups": subgroup_report(samples, y, probs, classes, bundle.decide(probs)),
         "referral": referral_report(bundle, y, probs, classes),
+        "decision": {"rule": "class-prior corrected" if np.any(offsets) else "arg-max",
+                     "logit_offsets": [float(v) for v in offsets]},
+        "plain_argmax": _decision_figures(plain),
         "n_labelled": len(dataset.samples),
         "n_skipped": len(skipped),
         "skipped": skipped,
@@ -404,12 +490,18 @@ def evaluate(
 
     paths = output_paths(out_json)
     paths["report"].parent.mkdir(parents=True, exist_ok=True)
+    paths.pop("robustness")  # written only with perturb
     report["files"] = {k: p.name for k, p in paths.items() if k != "report"}
     title = f"{bundle.version} on {dataset.name} (n={len(samples)}{', TTA' if tta else ''})"
     plot_confusion(np.asarray(report["confusion_matrix"]), classes, paths["confusion"], title)
     plot_roc(y, probs, classes, paths["roc"], title)
     plot_reliability(y, probs, probs_uncalibrated, bundle.temperature, paths["reliability"], title)
-    write_predictions(paths["predictions"], samples, y, probs, classes)
+    write_predictions(paths["predictions"], samples, y, probs, classes, bundle.decide(probs))
+    if perturb:
+        report["robustness"] = robustness_report(bundle, predictor, samples, y, report, batch_size, tta)
+        paths["robustness"] = output_paths(out_json)["robustness"]
+        report["files"]["robustness"] = paths["robustness"].name
+        plot_robustness(report["robustness"], classes, paths["robustness"], title, melanoma_only)
     paths["report"].write_text(json.dumps(report, indent=2) + "\n")
     log.info("report written to %s", paths["report"])
     if record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from sklearn.metrics import (
 )
 
 from skinscan.labels import CLASSES, MALIGNANT
+from training.bundle import decide
 
 ECE_BINS = 15
 
@@ -61,11 +63,20 @@ def _auc(y_binary: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(y_binary, score))
 
 
+def _sklearn_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """scikit-learn's balanced accuracy, without its warning for predictions of classes absent from the truth."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y_true, y_pred))
+
+
 def classification_report(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
     classes: Sequence[str] = CLASSES,
     known_labels: Sequence[str] | None = None,
+    logit_offsets: np.ndarray | None = None,
+    y_pred: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Return balanced accuracy, per-class precision/recall/F1/AUC, melanoma and malignant AUC, ECE and more.
 
@@ -73,11 +84,13 @@ def classification_report(
     macro AUC their one-vs-rest AUCs (a class with no image, or every image, has none). known_labels (the classes
     a dataset can tell apart: ISIC 2017 knows melanoma, seborrheic keratosis and nevus) restricts nothing; it is
     recorded in the report, every class by default, for readers such as the job page's confusion matrix.
+    Decisions (recall, precision, confusion, balanced accuracy) are y_pred when given (the labels stored with
+    predictions), else `decide` with logit_offsets; AUCs and calibration use the probabilities alone.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(classes)
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, logit_offsets) if y_pred is None else np.asarray(y_pred, dtype=np.int64)
     present = sorted(set(y_true.tolist()))
     labels_idx = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -105,7 +118,7 @@ def classification_report(
         "n_images": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": balanced,
-        "balanced_accuracy_sklearn": float(balanced_accuracy_score(y_true, y_pred)) if present else 0.0,
+        "balanced_accuracy_sklearn": _sklearn_balanced_accuracy(y_true, y_pred) if present else 0.0,
         "macro_auc": float(np.mean(aucs)) if aucs else None,
         "per_class": per_class,
         "melanoma": {
@@ -116,6 +129,8 @@ def classification_report(
         "malignant_auc": _auc(y_malig, malignant_score),
         "ece": expected_calibration_error(probs, y_true),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels_idx).tolist(),
+        "predicted_counts": {name: int((y_pred == i).sum()) for i, name in enumerate(classes)},
+        "true_counts": {name: int((y_true == i).sum()) for i, name in enumerate(classes)},
         "classes": classes,
         "known_labels": known,
     }

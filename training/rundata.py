@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from skinscan.imaging import decode_rgb
@@ -17,6 +18,7 @@ from training.bundle import resize_crop
 from training.config import TrainConfig
 from training.datasets import Dataset, Sample, read_dataset
 from training.partial_labels import allowed_mask
+from training.perturb import VARIANTS, apply_variant
 from training.pretrained import imagenet_preprocessing, is_timm_architecture
 from training.splits import (
     KNOWN_DUPLICATES,
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def load_images(
-    samples: list[Sample], resize_size: int, desc: str = "decoding", colour_constancy: str = "none"
+    samples: list[Sample], resize_size: int, desc: str = "decoding", colour_constancy: str = "none",
+    mode: str = "crop",
 ) -> tuple[np.ndarray, list[int]]:
     """Decode every sample once to a uint8 N x S x S x 3 array (S = resize_size) and its difference hash."""
     out = np.empty((len(samples), resize_size, resize_size, 3), dtype=np.uint8)
@@ -39,8 +42,23 @@ def load_images(
     for i, s in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=2)):
         img = decode_rgb(s.path.read_bytes(), draft_size=resize_size)
         hashes.append(dhash(img))
-        out[i] = np.asarray(resize_crop(img, resize_size, resize_size, colour_constancy))
+        out[i] = np.asarray(resize_crop(img, resize_size, resize_size, colour_constancy, mode=mode))
     return out, hashes
+
+
+def load_variants(
+    samples: list[Sample], input_size: int, variants: list[str], colour_constancy: str = "none",
+    mode: str = "squash",
+) -> dict[str, np.ndarray]:
+    """Decode samples at their own size, apply each robustness variant, then the serving preprocessing: one
+    uint8 N x S x S x 3 array per variant (what a bundle would see of other clinics' copies of these images)."""
+    out = {v: np.empty((len(samples), input_size, input_size, 3), dtype=np.uint8) for v in variants}
+    for i, s in enumerate(tqdm(samples, desc="validation variants", unit="img", mininterval=2)):
+        rgb = np.asarray(decode_rgb(s.path.read_bytes()))
+        for v in variants:
+            img = Image.fromarray(apply_variant(v, rgb))
+            out[v][i] = np.asarray(resize_crop(img, input_size, input_size, colour_constancy, mode=mode))
+    return out
 
 
 def center(images: np.ndarray, input_size: int) -> np.ndarray:
@@ -72,6 +90,7 @@ class Prepared:
     formats: list[str]
     extra_counts: dict[str, int]
     n_main: int  # samples of the main dataset come first, then the extra training sets'
+    sources: list[str]  # the set each sample comes from (the main set's name, or an extra set's folder/file)
 
 
 def prepare(cfg: TrainConfig, run: Path) -> Prepared:
@@ -91,7 +110,8 @@ def prepare(cfg: TrainConfig, run: Path) -> Prepared:
         extra_formats += [ds.format] * len(ds.samples)
         extra_names += [Path(path).name] * len(ds.samples)
     n_main = len(samples)
-    images, hashes = load_images(samples + extra, cfg.resize_size, colour_constancy=cfg.colour_constancy)
+    images, hashes = load_images(samples + extra, cfg.resize_size, colour_constancy=cfg.colour_constancy,
+                                 mode=cfg.resize_mode)
     if extra:
         held_hashes, held_ids = _holdout_keys(list(dict.fromkeys(cfg.holdout + cfg.extra_val)), cfg.resize_size)
         keep = [i for i, s in enumerate(extra)
@@ -123,7 +143,8 @@ def prepare(cfg: TrainConfig, run: Path) -> Prepared:
     counts = {sp: sum(1 for x in splits if x == sp) for sp in ("train", "val", "test")}
     log.info("dataset %s (%s): %d images (%d extra), splits %s", dataset.name, dataset.format, len(every),
              len(extra), counts)
-    return Prepared(dataset, images, splits, [dataset.format] * n_main + extra_formats, extra_counts, n_main)
+    return Prepared(dataset, images, splits, [dataset.format] * n_main + extra_formats, extra_counts, n_main,
+                    [dataset.name] * n_main + extra_names)
 
 
 @dataclass
@@ -141,7 +162,7 @@ def load_extra_val(cfg: TrainConfig) -> list[ExtraValidation]:
     for path in cfg.extra_val:
         ds = read_dataset(path)
         images, _ = load_images(ds.samples, cfg.resize_size, desc=f"decoding {Path(path).name}",
-                                colour_constancy=cfg.colour_constancy)
+                                colour_constancy=cfg.colour_constancy, mode=cfg.resize_mode)
         y = np.array([s.label == "mel" for s in ds.samples], dtype=int)
         out.append(ExtraValidation(Path(path).name, np.ascontiguousarray(center(images, cfg.input_size)), y))
     return out
@@ -161,6 +182,48 @@ def preprocessing(cfg: TrainConfig, images: np.ndarray) -> tuple[torch.Tensor, t
 
 
 
+def source_balanced_weights(
+    labels: np.ndarray, masks: np.ndarray, sources: list[str], is_main: np.ndarray, extra_weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling weight of each training sample, and the common class prior they realise.
+
+    The prior is square-root balanced over the main set's class counts. Within every source the labels it can
+    tell apart (a class; for ISIC 2017 also "neither melanoma nor keratosis") are sampled at that one prior, so
+    the source of an image carries no information about its label: an archive's look cannot stand in for
+    melanoma. Sources keep their share of the batch (extra sets x extra_weight per image)."""
+    n_classes = masks.shape[1]
+    is_main = np.asarray(is_main, dtype=bool)
+    counts = np.bincount(labels[is_main], minlength=n_classes).astype(np.float64)
+    prior = np.sqrt(counts)
+    prior = prior / prior.sum() if prior.sum() else np.full(n_classes, 1.0 / n_classes)
+    group_keys = [m.tobytes() for m in masks]
+    weights = np.zeros(len(labels))
+    keys = [("main", "") if m else ("extra", s) for s, m in zip(sources, is_main, strict=True)]
+    for source in dict.fromkeys(keys):
+        rows = np.array([i for i, k in enumerate(keys) if k == source])
+        share = len(rows) * (1.0 if source[0] == "main" else extra_weight)
+        groups: dict[bytes, list[int]] = {}
+        for i in rows:
+            groups.setdefault(group_keys[i], []).append(i)
+        mass = {g: float(prior[masks[ix[0]]].sum()) for g, ix in groups.items()}
+        total = sum(mass.values())
+        if total <= 0:
+            continue
+        for g, ix in groups.items():
+            weights[ix] = share * mass[g] / total / len(ix)
+    return weights, prior
+
+
+def variant_subset(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Positions of at most cap images per class (all of a rarer class), for the per-epoch robustness check."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        ix = np.flatnonzero(labels == c)
+        keep.extend(ix if len(ix) <= cap else rng.choice(ix, cap, replace=False))
+    return np.sort(np.asarray(keep, dtype=int))
+
+
 @dataclass
 class RunData:
     """Everything a run trains and validates on, decoded once."""
@@ -170,13 +233,16 @@ class RunData:
     masks: np.ndarray  # N x C: classes each sample's label allows
     train_idx: np.ndarray
     val_idx: np.ndarray
-    val_images: np.ndarray  # centre crops of the validation split
+    val_images: np.ndarray  # the validation split as scoring sees it
     extra_val: list[ExtraValidation]
     mean: torch.Tensor
     std: torch.Tensor
     interpolation: str
     sample_p: np.ndarray  # sampling probability of each training index
     loss_weights: np.ndarray  # per class
+    prior: np.ndarray  # the common class prior every source is sampled at
+    val_variant_pos: np.ndarray  # positions in val_idx of the images the robustness variants cover
+    val_variants: dict[str, np.ndarray]  # perturbed copies of those images, as scoring sees them
 
     @property
     def dataset(self) -> Dataset:
@@ -185,7 +251,7 @@ class RunData:
 
 
 def load_run_data(cfg: TrainConfig, run: Path) -> RunData:
-    """Prepare a run's images, splits, masks, validation sets, normalisation and class-balanced sampling."""
+    """Prepare a run's images, splits, masks, validation sets and variants, normalisation and sampling."""
     prep = prepare(cfg, run)
     labels = np.array([CLASSES.index(s.label) for s in prep.dataset.samples])
     masks = allowed_mask([s.label for s in prep.dataset.samples], prep.formats)
@@ -194,15 +260,22 @@ def load_run_data(cfg: TrainConfig, run: Path) -> RunData:
     if len(tr) == 0 or len(va) == 0:
         raise ValueError("training and validation splits must both be non-empty")
     mean, std, interpolation = preprocessing(cfg, prep.images[tr])
-    counts = np.bincount(labels[tr], minlength=len(CLASSES)).astype(np.float64)
-    # Square-root rebalancing twice (in the sampler and in the loss) amounts to inverse-frequency weighting
-    # without the extreme over-sampling of the rarest classes that plain inverse weights cause.
+    is_main = tr < prep.n_main
+    sample_w, prior = source_balanced_weights(labels[tr], masks[tr], [prep.sources[i] for i in tr], is_main,
+                                              cfg.extra_weight)
+    # Sampling at the square-root prior and weighting the loss by 1/sqrt(count) amounts to inverse-frequency
+    # weighting without the extreme over-sampling of the rarest classes that plain inverse weights cause.
+    counts = np.bincount(labels[tr][is_main], minlength=len(CLASSES)).astype(np.float64)
     class_w = 1.0 / np.sqrt(np.maximum(counts, 1))
     loss_w = class_w / (class_w * counts).sum() * counts.sum()
-    source_w = np.where(np.arange(len(prep.splits)) >= prep.n_main, cfg.extra_weight, 1.0)
-    sample_w = class_w[labels[tr]] * source_w[tr]
+    pos = (variant_subset(labels[va], cfg.variant_cap, cfg.seed) if cfg.variant_cap
+           else np.zeros(0, dtype=int))
+    variants = [v for v in VARIANTS if v != "clean"]
+    val_variants = (load_variants([prep.dataset.samples[i] for i in va[pos]], cfg.input_size, variants,
+                                  cfg.colour_constancy, cfg.resize_mode) if len(pos) else {})
     return RunData(
         prepared=prep, labels=labels, masks=masks, train_idx=tr, val_idx=va,
         val_images=np.ascontiguousarray(center(prep.images[va], cfg.input_size)), extra_val=load_extra_val(cfg),
         mean=mean, std=std, interpolation=interpolation, sample_p=sample_w / sample_w.sum(), loss_weights=loss_w,
+        prior=prior, val_variant_pos=pos, val_variants=val_variants,
     )

@@ -30,10 +30,17 @@ from tqdm import tqdm
 
 from skinscan.labels import CLASSES, MALIGNANT
 from training.bundle import create_model, save_bundle
-from training.calibration import fit_temperature, operating_points, referral_threshold, softmax
+from training.calibration import (
+    fit_logit_offsets,
+    fit_temperature,
+    operating_points,
+    referral_threshold,
+    softmax,
+)
 from training.config import RESUMABLE, TrainConfig, add_arguments, config_from_args
 from training.metrics import classification_report
 from training.partial_labels import partial_label_loss
+from training.perturb import RandomAppearance
 from training.rundata import RunData, load_run_data
 
 __all__ = ["TrainConfig", "add_arguments", "evaluate", "get_args_parser", "run_from_args", "train",
@@ -65,20 +72,35 @@ class _Rotate90:
         return torch.rot90(img, int(torch.randint(4, ()).item()), dims=(-2, -1))
 
 
-def train_transform(input_size: int) -> v2.Compose:
-    """Dermoscopy augmentation: lesions have no up or left, so flips and 90-degree rotations (a small free
-    rotation besides); random resized crops and some zoom-out (other collections frame lesions smaller, with dark
-    dermoscope corners); colour, brightness and a little blur, as cameras, lighting and focus differ."""
+def train_transform(input_size: int, aspect_range: float = 1.7) -> v2.Compose:
+    """Dermoscopy geometry augmentation: lesions have no up or left, so flips and 90-degree rotations (a small
+    free rotation besides); random resized crops that squash and stretch up to aspect_range either way (square
+    and 4:3 archives must look alike) and some zoom-out (other collections frame lesions smaller, with dark
+    dermoscope corners); a little contrast, saturation, hue and blur. White balance, exposure, rims, resolution
+    and compression come from `training.perturb.RandomAppearance`, applied after this."""
     return v2.Compose([
         v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 1.5))], p=0.2),
-        v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), ratio=(0.75, 1.33), antialias=True),
+        v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), ratio=(1.0 / aspect_range, aspect_range),
+                             antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         _Rotate90(),
         v2.RandomApply([v2.RandomRotation(20)], p=0.25),
-        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.04),
+        v2.ColorJitter(contrast=0.25, saturation=0.3, hue=0.03),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.2))], p=0.15),
     ])
+
+
+class Augment:
+    """Geometry (torchvision v2) then appearance (`RandomAppearance`) on a 3 x S x S uint8 tensor."""
+
+    def __init__(self, input_size: int, aspect_range: float, seed: int) -> None:
+        self.geometry = train_transform(input_size, aspect_range)
+        self.appearance = RandomAppearance(np.random.default_rng(seed))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        rgb = self.appearance(np.ascontiguousarray(self.geometry(img).permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
 def _normalize(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -135,10 +157,10 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
     ]
 
 
-def selection_score(report: dict[str, Any], extra: dict[str, float | None]) -> float:
-    """Model choice: main validation balanced accuracy, averaged with each other clinic's melanoma AUC."""
-    figures = [report["balanced_accuracy"]] + [v for v in extra.values() if v is not None]
-    return float(np.mean(figures))
+def selection_score(report: dict[str, Any], variant_ba: dict[str, float]) -> float:
+    """Model choice: balanced accuracy on the validation split, averaged with its balanced accuracy under every
+    robustness variant (how other clinics' copies of the same images differ), so a model that holds wins."""
+    return float(np.mean([report["balanced_accuracy"], *variant_ba.values()]))
 
 
 @dataclass
@@ -221,7 +243,7 @@ def train_one_epoch(
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     steps = state.steps_per_epoch
     amp = amp_dtype(device)
-    augment = train_transform(cfg.input_size)
+    augment = Augment(cfg.input_size, cfg.aspect_range, cfg.seed * 1000 + epoch)
     loss_weights = torch.tensor(data.loss_weights, dtype=torch.float32, device=device)
     masks = torch.from_numpy(data.masks)
     model.train()
@@ -257,24 +279,37 @@ def train_one_epoch(
 
 @dataclass
 class Evaluation:
-    """A network's validation report, each extra validation set's melanoma AUC, and its selection score."""
+    """A network's validation report, its balanced accuracy per robustness variant, each extra validation set's
+    melanoma AUC, and its selection score."""
 
     report: dict[str, Any]
+    variant_ba: dict[str, float]
     extra_auc: dict[str, float | None]
     score: float
 
 
+def variant_balanced_accuracy(net: torch.nn.Module, data: RunData, device: torch.device) -> dict[str, float]:
+    """Balanced accuracy of a network on each robustness variant of the validation subset."""
+    y = data.labels[data.val_idx[data.val_variant_pos]]
+    out = {}
+    for name, images in data.val_variants.items():
+        probs = softmax(predict_logits(net, images, data.mean, data.std, device))
+        out[name] = classification_report(y, probs)["balanced_accuracy"]
+    return out
+
+
 def evaluate(net: torch.nn.Module, data: RunData, device: torch.device) -> Evaluation:
-    """Score a network on the validation split and on each extra validation set."""
+    """Score a network on the validation split, its robustness variants and each extra validation set."""
     logits = predict_logits(net, data.val_images, data.mean, data.std, device)
     report = classification_report(data.labels[data.val_idx], softmax(logits))
+    variant_ba = variant_balanced_accuracy(net, data, device)
     extra: dict[str, float | None] = {}
     mel = CLASSES.index("mel")
     for ev in data.extra_val:
         probs = softmax(predict_logits(net, ev.images, data.mean, data.std, device))
         extra[ev.name] = (float(roc_auc_score(ev.melanoma, probs[:, mel]))
                           if 0 < ev.melanoma.sum() < len(ev.melanoma) else None)
-    return Evaluation(report, extra, selection_score(report, extra))
+    return Evaluation(report, variant_ba, extra, selection_score(report, variant_ba))
 
 
 def validate(state: TrainState, data: RunData, device: torch.device, entry: dict[str, Any], best_path: Path) -> None:
@@ -287,7 +322,8 @@ def validate(state: TrainState, data: RunData, device: torch.device, entry: dict
             f"{prefix}_balanced_accuracy": ev.report["balanced_accuracy"], f"{prefix}_accuracy": ev.report["accuracy"],
             f"{prefix}_macro_auc": ev.report["macro_auc"], f"{prefix}_melanoma_auc": ev.report["melanoma"]["auc"],
             f"{prefix}_score": ev.score,
-        } | {f"{prefix}_melanoma_auc[{k}]": v for k, v in ev.extra_auc.items()}
+        } | {f"{prefix}_melanoma_auc[{k}]": v for k, v in ev.extra_auc.items()} | {
+            f"{prefix}_balanced_accuracy[{k}]": v for k, v in ev.variant_ba.items()}
         if ev.score > state.best_score:
             state.best_score = ev.score
             torch.save({"model": net.state_dict(), "epoch": entry["epoch"], "weights": name, "score": ev.score},
@@ -296,32 +332,49 @@ def validate(state: TrainState, data: RunData, device: torch.device, entry: dict
 
 @dataclass
 class Calibration:
-    """What the chosen network's validation logits fix: temperature, referral threshold and operating points,
-    the reports before and after temperature scaling, and the extra validation sets' melanoma AUCs."""
+    """What the chosen network's validation logits fix: temperature, decision offsets, referral threshold and
+    operating points, the reports before and after temperature scaling (plain arg-max) and with the offsets,
+    balanced accuracy per robustness variant, and the extra validation sets' melanoma AUCs."""
 
     temperature: float
+    offsets: np.ndarray
     threshold: float
     points: list[dict[str, float | None]]
     before: dict[str, Any]
     after: dict[str, Any]
+    corrected: dict[str, Any]
+    variant_ba: dict[str, dict[str, float]]
     extra_auc: dict[str, float | None]
     n_malignant: int
 
 
 def calibrate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: torch.device) -> Calibration:
-    """Fit the temperature on validation and choose the referral threshold at the configured sensitivity."""
+    """Fit the temperature on validation, the decision offsets on validation and its robustness variants (for
+    balanced accuracy), and choose the referral threshold at the configured sensitivity."""
     y_val = data.labels[data.val_idx]
     logits = predict_logits(model, data.val_images, data.mean, data.std, device)
     temperature = fit_temperature(logits, y_val)
     probs = softmax(logits, temperature)
+    y_sub = y_val[data.val_variant_pos]
+    variant_probs = {name: softmax(predict_logits(model, images, data.mean, data.std, device), temperature)
+                     for name, images in data.val_variants.items()}
+    offsets = fit_logit_offsets(np.concatenate([probs, *variant_probs.values()]),
+                                np.concatenate([y_val] + [y_sub] * len(variant_probs)))
+    variant_ba = {
+        name: {"plain": classification_report(y_sub, p)["balanced_accuracy"],
+               "corrected": classification_report(y_sub, p, logit_offsets=offsets)["balanced_accuracy"]}
+        for name, p in variant_probs.items()
+    }
     malignant = [CLASSES.index(c) for c in sorted(MALIGNANT)]
     y_malignant = np.isin(y_val, malignant).astype(int)
     score = probs[:, malignant].sum(1)
     return Calibration(
-        temperature=temperature, threshold=referral_threshold(y_malignant, score, cfg.referral_sensitivity),
+        temperature=temperature, offsets=offsets,
+        threshold=referral_threshold(y_malignant, score, cfg.referral_sensitivity),
         points=operating_points(y_malignant, score), before=classification_report(y_val, softmax(logits)),
-        after=classification_report(y_val, probs), extra_auc=evaluate(model, data, device).extra_auc,
-        n_malignant=int(y_malignant.sum()),
+        after=classification_report(y_val, probs),
+        corrected=classification_report(y_val, probs, logit_offsets=offsets), variant_ba=variant_ba,
+        extra_auc=evaluate(model, data, device).extra_auc, n_malignant=int(y_malignant.sum()),
     )
 
 
@@ -342,11 +395,17 @@ def bundle_metadata(
         else (f"warm start from {Path(cfg.pretrained).name}" if cfg.pretrained else "random"),
         "input_size": cfg.input_size,
         "resize_size": cfg.resize_size,
+        "resize_mode": cfg.resize_mode,
         "interpolation": data.interpolation,
         "colour_constancy": {"method": cfg.colour_constancy, "power": 6.0},
         "mean": data.mean.flatten().tolist(),
         "std": data.std.flatten().tolist(),
         "temperature": cal.temperature,
+        "decision": {
+            "rule": "arg-max of log calibrated probability plus a per-class offset (class-prior correction)",
+            "logit_offsets": [round(float(v), 4) for v in cal.offsets],
+            "fitted_on": f"{dataset.name} validation split and its robustness variants, for balanced accuracy",
+        },
         "malignant_classes": sorted(MALIGNANT),
         "referral": {
             "malignancy_threshold": cal.threshold,
@@ -372,7 +431,8 @@ def bundle_metadata(
         },
         "training": {
             "best_epoch": best["epoch"], "best_weights": best.get("weights", "raw"), "epochs": cfg.epochs,
-            "selection": "mean of main validation balanced accuracy and each extra validation set's melanoma AUC",
+            "selection": "mean balanced accuracy over the validation split and its robustness variants",
+            "class_prior": [round(float(v), 4) for v in data.prior],
             "config": asdict(cfg), "history": history,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(),
@@ -383,7 +443,8 @@ def bundle_metadata(
                 k: after[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "malignant_auc")
             }
             | {"melanoma_auc": after["melanoma"]["auc"], "ece_before_calibration": cal.before["ece"],
-               "ece": after["ece"]}
+               "ece": after["ece"], "balanced_accuracy_corrected": cal.corrected["balanced_accuracy"],
+               "variants_balanced_accuracy": cal.variant_ba}
             | {f"melanoma_auc[{k}]": v for k, v in cal.extra_auc.items()},
         },
         "created_at": created.isoformat(),

@@ -33,7 +33,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.model, args.data, args.out, tta=args.tta, backend=args.backend, batch_size=args.batch_size,
         record=args.record, name=args.name, device=args.device, threads=args.threads,
-        split_file=args.split_file, split=args.split,
+        split_file=args.split_file, split=args.split, perturb=args.perturb,
     )
     logging.getLogger("skinscan").info("%s", headline(report))
     logging.getLogger("skinscan").info("report written to %s", args.out)
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits.csv of a training run: evaluate only the images of --split (lesion-grouped)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="which split of --split-file to evaluate (default: %(default)s)")
+    p.add_argument("--perturb", action="store_true",
+                   help="add the robustness report: the same images squashed, cropped and padded to square, at half "
+                        "resolution, as JPEG q40, warmer, cooler, darker, brighter and with a dermoscope rim")
     p.add_argument("--record", action="store_true",
                    help="store a summary in the bundle's metadata.json under metrics.evaluations.<name>")
     p.add_argument("--name", default=None,
