@@ -90,8 +90,14 @@ def _model_for(path: Path) -> tuple[Bundle, torch.nn.Module, torch.nn.Module]:
 
 
 def display_crop(img: PILImage.Image, bundle: Bundle, side: int) -> PILImage.Image:
-    """Return the centre square the network sees (the bundle's resize and crop), at side x side pixels."""
+    """Return what the network sees, for the heat map to lie on: in squash mode the whole image at its own aspect
+    ratio, its longer side `side` pixels (the map is un-squashed onto it); in crop mode the centre square the
+    network sees (the bundle's resize and crop), at side x side pixels."""
     width, height = img.size
+    if bundle.resize_mode == "squash":
+        scale = side / max(width, height)
+        return img.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                          PILImage.Resampling.BILINEAR)
     crop = min(width, height) * bundle.input_size / bundle.resize_size
     left, top = (width - crop) / 2, (height - crop) / 2
     return img.resize((side, side), PILImage.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
@@ -110,9 +116,10 @@ def render_heatmap(bundle: Bundle, model: torch.nn.Module, layer: torch.nn.Modul
     targets = [ClassifierOutputTarget(bundle.classes.index(label))] if label in bundle.classes else None
     with _CAM_LOCK, torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
         mask = cam(input_tensor=x, targets=targets)[0]
+    base_img = display_crop(img, bundle, side)
     mask_img = PILImage.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
-    mask = np.clip(np.asarray(mask_img.resize((side, side), PILImage.Resampling.BILINEAR)), 0.0, 1.0)
-    base = np.asarray(display_crop(img, bundle, side), dtype=np.float32) / 255.0
+    mask = np.clip(np.asarray(mask_img.resize(base_img.size, PILImage.Resampling.BILINEAR)), 0.0, 1.0)
+    base = np.asarray(base_img, dtype=np.float32) / 255.0
     overlay = show_cam_on_image(base, mask, use_rgb=True, image_weight=0.6)
     out = io.BytesIO()
     PILImage.fromarray(overlay).save(out, format="PNG", optimize=True)

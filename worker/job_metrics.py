@@ -35,7 +35,9 @@ def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
 
         y = np.array([CLASSES.index(r.true_label) for r in labelled])
         probs = np.array([[r.probabilities[c] for c in CLASSES] for r in labelled])
-        report = classification_report(y, probs, CLASSES, known_labels=job.known_labels)
+        # The decisions are the stored labels (the bundle's decision rule), not a plain arg-max of probabilities.
+        pred = np.array([CLASSES.index(r.label) for r in labelled])
+        report = classification_report(y, probs, CLASSES, known_labels=job.known_labels, y_pred=pred)
         metrics["labels_format"] = job.labels_format
         metrics.update({k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc", "per_class",
                                                "melanoma", "malignant_auc", "ece", "confusion_matrix",

@@ -27,12 +27,13 @@ class Scored:
     image_id: str
     probabilities: dict[str, float] | None = None
     error: str | None = None
+    decision: str | None = None  # the bundle's decision rule's class (None: the highest probability)
 
     @property
     def label(self) -> str:
-        """Predicted class (highest probability)."""
+        """Predicted class: the bundle's decision (class-prior corrected arg-max), else the highest probability."""
         assert self.probabilities is not None
-        return max(self.probabilities, key=self.probabilities.__getitem__)
+        return self.decision or max(self.probabilities, key=self.probabilities.__getitem__)
 
 
 class Scorer:
@@ -132,8 +133,10 @@ class Scorer:
     def _predict(self, ids: list[str], batch: list[np.ndarray]) -> Iterator[Scored]:
         probs = self.predict_batch(batch)
         classes = self.bundle.classes
-        for image_id, row in zip(ids, probs, strict=True):
-            yield Scored(image_id, {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)})
+        decisions = self.bundle.decide(probs)
+        for image_id, row, d in zip(ids, probs, decisions, strict=True):
+            yield Scored(image_id, {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)}, None,
+                         classes[int(d)])
 
 
 def _worker_device(device: str) -> str:

@@ -105,3 +105,21 @@ def test_heatmap_is_requested_once_then_pending(api: Api, settings: Any, sent: S
     storage.put(gradcam.heatmap_key(image, MODEL_VERSION), b"png", "image/png")
     assert gradcam.request_heatmap(storage, image, MODEL_VERSION, settings) == {"state": "ready"}
     assert len(sent.calls) == 2
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("squash", (384, 288)), ("crop", (384, 384))])
+def test_heatmap_lies_on_what_the_network_saw(mode: str, expected: tuple[int, int]) -> None:
+    """A squash-mode bundle sees the whole 4:3 image: its map is shown over the whole image at its own shape, not
+    over a centre crop; a crop-mode bundle's map lies on the centre square it saw."""
+    from PIL import Image as PILImage
+
+    from training.bundle import Bundle
+    from worker.gradcam import display_crop
+
+    bundle = Bundle(path=None, meta={"input_size": 64, "resize_size": 64, "resize_mode": mode})  # type: ignore[arg-type]
+    img = PILImage.new("RGB", (400, 300))
+    img.paste((255, 0, 0), (0, 0, 40, 300))  # a red band at the left edge: outside a centre square
+    shown = display_crop(img, bundle, 384)
+    assert shown.size == expected
+    left_edge = np.asarray(shown)[:, 0]
+    assert (left_edge[:, 0] > 200).all() == (mode == "squash")

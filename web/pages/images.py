@@ -164,6 +164,7 @@ def _render_image(image: ImageRecord, form: dict[str, str] | None = None, error:
         decisions=DECISIONS, note_max=NOTE_MAX_CHARS, form=form or {}, review_error=error,
         previous_id=neighbours.previous, next_id=neighbours.next, next_review_id=next_review,
         unreviewed=unreviewed_flagged_count(session, job, version),
+        whole_image=bool(model and (model.meta or {}).get("resize_mode") == "squash"),
     ), status
 
 
