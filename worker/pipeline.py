@@ -7,7 +7,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, literal, select, text, update
+from sqlalchemy import case, exists, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Tries per image: a delivery that crashed, timed out or hit an outage counts one try for each image it tried.
 MAX_ATTEMPTS = 8
+OPEN_STATUSES = ("uploading", "queued", "running")  # a job whose images may still be scored
 MISSING_OBJECT = "the stored image is missing (it was deleted from storage); upload it again"
 # Tries on an image whose stored object is not found before it fails as missing: storage that lags (a replica, a
 # restore in progress) gets the task's backoff between tries to catch up. A missing bucket is an outage instead.
@@ -89,12 +90,19 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
     uploads).
     """
     with session_scope(settings) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status in ("done", "failed", "cancelled"):
+        # One conditional UPDATE reads and moves the job and takes its row lock for the transaction: a cancel (or
+        # any finish) committed before it is never overwritten, and one that comes after waits for this claim.
+        now = utcnow()
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_(OPEN_STATUSES))
+            .values(status=case((Job.status == "queued", "running"), else_=Job.status),
+                    started_at=case((Job.status == "queued", func.coalesce(Job.started_at, now)),
+                                    else_=Job.started_at),
+                    updated_at=now)
+            .returning(Job.model_version)
+        ).first()
+        if claimed is None:  # gone, or finished (done, failed, cancelled)
             return None, []
-        if job.status == "queued":
-            job.status, job.started_at = "running", job.started_at or utcnow()
-        job.updated_at = utcnow()
         reason = (f"could not be scored in {MAX_ATTEMPTS} attempts (the worker crashed, timed out or could not "
                   "reach a service each time)")
         gave_up = session.execute(
@@ -104,7 +112,8 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
             .values(status="failed",
                     error=literal(reason) + func.coalesce(literal("; last error: ") + ImageRecord.error, ""))
         ).rowcount or 0
-        job.failed += gave_up
+        if gave_up:
+            session.execute(update(Job).where(Job.id == job_id).values(failed=Job.failed + gave_up))
         todo = session.execute(
             select(ImageRecord.id, ImageRecord.storage_key, ImageRecord.attempts).where(
                 ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending")
@@ -112,7 +121,7 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
         ).all()
         if todo and _first_delivery(todo):
             _count_attempt(session, job_id, [i for i, _, _ in todo])
-        return job.model_version, [(i, k, a) for i, k, a in todo]
+        return claimed.model_version, [(i, k, a) for i, k, a in todo]
 
 
 def _first_delivery(todo: list[Any]) -> bool:
