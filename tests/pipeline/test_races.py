@@ -14,7 +14,8 @@ from test_job_management import noise_jpeg
 from test_prediction_writes import _Rules
 
 from skinscan.db import get_engine, session_scope
-from skinscan.tables import ImageRecord, Job
+from skinscan.tables import ImageRecord, Job, JobChunk
+from worker.dispatch import pending_image_ids
 from worker.scoring import Scored
 
 
@@ -95,3 +96,69 @@ def test_claim_counts_failures_by_sql_increment(stack: Any, api: Api) -> None:
     job = job_row(settings, job_id)
     assert [statuses(settings, job_id)[i] for i in ids] == ["failed", "failed", "failed", "pending"]
     assert job.failed == 3, f"a concurrent increment was lost: failed = {job.failed}"
+
+
+def post_part(client: Any, api: Api, job_id: str, seeds: range) -> Any:
+    """POST a part of images to an uploading job."""
+    import io
+
+    data = {"files": [(io.BytesIO(noise_jpeg(s)), f"part-{s}.jpg") for s in seeds]}
+    return client.post(f"/api/v1/jobs/{job_id}/images", data=data, headers=api.headers(),
+                       content_type="multipart/form-data")
+
+
+def claimed_and_stored(stack: Any, job_id: str) -> tuple[set[str], set[str]]:
+    """(storage keys the job's image rows claim, keys under the job's prefix in the bucket)."""
+    from test_job_management import bucket_keys
+
+    settings = stack.settings()
+    with session_scope(settings) as session:
+        claimed = set(session.scalars(select(ImageRecord.storage_key).where(ImageRecord.job_id == job_id,
+                                                                            ImageRecord.storage_key.is_not(None))))
+    return claimed, {k for k in bucket_keys(stack) if f"/{job_id}/" in k}
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("closer", ["cancel", "start"])
+@pytest.mark.parametrize("first", ["closer", "part"])
+def test_a_part_never_lands_in_a_closed_job(stack: Any, api: Api, closer: str, first: str) -> None:
+    """A part racing a cancel or start either commits before it (and is cancelled or queued with the rest) or is
+    refused with 409 and keeps nothing, its stored objects removed; no image is left pending in a closed job."""
+    settings = stack.settings()
+    job_id = submit(api, 2, finalize="false")
+
+    def close() -> Any:
+        client = api.client.application.test_client()
+        return client.post(f"/api/v1/jobs/{job_id}/{closer}", headers=api.headers())
+
+    # closer first: it runs once the part's upload intent is committed (its images are being stored);
+    # part first: it runs once the part holds the job's row lock, just before the part's rows commit.
+    if first == "closer":
+        def match(s: str) -> bool:
+            return s.startswith("INSERT INTO uploads")
+    else:
+        def match(s: str) -> bool:
+            return "FROM jobs" in s and "FOR UPDATE" in s
+    with after_statement(get_engine(settings), stack.db.url, match, close) as other:
+        response = post_part(api.client, api, job_id, range(10, 13))
+    closed = other.results[0]
+    assert closed.status_code == 200 if closer == "cancel" else 202, closed.get_json()
+    job = job_row(settings, job_id)
+    images = statuses(settings, job_id)
+    if first == "closer":
+        assert response.status_code == 409, response.get_json()
+        assert f"job is {job.status}" in response.get_json()["error"]
+        assert len(images) == 2
+    else:
+        assert response.status_code == 202, response.get_json()
+        assert len(images) == 5 and job.total == 5
+    if closer == "cancel":
+        assert job.status == "cancelled" and "pending" not in images.values()
+    else:
+        assert job.status == "queued"
+        with session_scope(settings) as session:
+            covered = {i for ids in session.scalars(select(JobChunk.image_ids).where(JobChunk.job_id == job_id))
+                       for i in ids}
+            assert set(pending_image_ids(session, job_id)) <= covered  # every pending image is sent to a worker
+    claimed, stored = claimed_and_stored(stack, job_id)
+    assert stored == claimed, "objects of a refused part were left in the bucket"
