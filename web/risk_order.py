@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from skinscan.registry import production_model
 from skinscan.tables import ImageRecord, Job, Prediction
 
-# Images whose prediction counts: a cancelled image keeps any prediction a chunk in flight wrote after the
-# cancellation, but it is not scored (the job's counters say so), so no count or table shows it.
+# Images whose prediction is never shown: a cancelled image is not scored (a chunk in flight writes no prediction
+# for it; one written before that rule, by an older version, is ignored).
 NOT_SHOWN_STATUSES = ("cancelled",)
 
 

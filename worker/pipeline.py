@@ -151,24 +151,35 @@ def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings
 def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings: Settings) -> None:
     """Write a chunk's predictions, image statuses and the job's counters in one transaction.
 
-    The counters move by the images this call took out of pending (a redelivered chunk moves them by nothing), so
-    a chunk costs no count over the job's images; the job is recounted in full once none is pending, when it
-    finishes (refresh_job).
+    The job's row is locked first (the order a cancel and the counter refresh lock in), then only images still
+    pending move, and only those that moved get a prediction: an image cancelled (or failed) while its chunk was
+    in flight keeps no prediction, and a cancel coming now waits for this transaction. The counters move by the
+    images this call took out of pending (a redelivered chunk moves them by nothing), so a chunk costs no count
+    over the job's images; the job is recounted in full once none is pending, when it finishes (refresh_job).
     """
     with session_scope(settings) as session:
-        write_predictions(session, scorer, results)
+        locked = session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow())
+                                 .returning(Job.id)).first()
+        if locked is None:  # the job was deleted while its chunk was scored
+            return
         ok = [r.image_id for r in results if r.probabilities is not None]
-        scored = failed = 0
+        moved: set[str] = set()
         if ok:
-            scored = session.execute(update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.status == "pending")
-                                     .values(status="scored", error=None)).rowcount or 0
+            moved = set(session.scalars(
+                update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.job_id == job_id,
+                                          ImageRecord.status == "pending")
+                .values(status="scored", error=None).returning(ImageRecord.id)))
+        write_predictions(session, scorer, [r for r in results if r.image_id in moved])
+        failed = 0
         for r in results:
             if r.error is not None:
                 failed += session.execute(
-                    update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.status == "pending")
+                    update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.job_id == job_id,
+                                              ImageRecord.status == "pending")
                     .values(status="failed", error=r.error)).rowcount or 0
-        session.execute(update(Job).where(Job.id == job_id)
-                        .values(scored=Job.scored + scored, failed=Job.failed + failed, updated_at=utcnow()))
+        if moved or failed:
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(scored=Job.scored + len(moved), failed=Job.failed + failed))
         pending = session.scalar(select(exists().where(ImageRecord.job_id == job_id,
                                                        ImageRecord.status == "pending")))
     if not pending:

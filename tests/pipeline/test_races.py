@@ -162,3 +162,40 @@ def test_a_part_never_lands_in_a_closed_job(stack: Any, api: Api, closer: str, f
             assert set(pending_image_ids(session, job_id)) <= covered  # every pending image is sent to a worker
     claimed, stored = claimed_and_stored(stack, job_id)
     assert stored == claimed, "objects of a refused part were left in the bucket"
+
+
+@pytest.mark.services
+def test_cancel_while_scoring_leaves_no_prediction_on_a_cancelled_image(stack: Any, api: Api) -> None:
+    """Two chunks in flight: a cancel comes while the first writes its results (it waits for them, or they find
+    the images cancelled) and the second finishes after the cancel; only images that end `scored` have a
+    prediction, and the job's counters match its rows."""
+    from skinscan.labels import CLASSES
+    from skinscan.tables import Prediction
+    from web.job_cancellation import cancel_job
+    from worker.pipeline import claim_chunk, record_results
+
+    settings = stack.settings()
+    job_id = submit(api, 4)
+    a, b, c, d = image_ids(settings, job_id)
+    version = job_row(settings, job_id).model_version
+    claim_chunk(job_id, [a, b], settings)
+    claim_chunk(job_id, [c, d], settings)
+    probs = dict.fromkeys(CLASSES, 0.0) | {"nv": 1.0}
+
+    def cancel() -> int:
+        with session_scope(settings) as session:
+            return cancel_job(session, job_id, "nurse@test")[1]
+
+    first_write = ("UPDATE jobs", "INSERT INTO predictions", "UPDATE images")  # whichever comes first
+    with after_statement(get_engine(settings), stack.db.url, lambda s: s.startswith(first_write), cancel) as other:
+        record_results(job_id, _Rules(version), [Scored(a, probs), Scored(b, probs)], settings)
+    record_results(job_id, _Rules(version), [Scored(c, probs), Scored(d, probs)], settings)  # in flight meanwhile
+
+    with session_scope(settings) as session:
+        predicted = set(session.scalars(select(Prediction.image_id).where(Prediction.image_id.in_([a, b, c, d]))))
+    images = statuses(settings, job_id)
+    assert {i for i, s in images.items() if s == "cancelled"}.isdisjoint(predicted), \
+        f"cancelled images have predictions: {images}, predicted {len(predicted)}"
+    assert predicted == {i for i, s in images.items() if s == "scored"}
+    job = job_row(settings, job_id)
+    assert job.status == "cancelled" and other.results == [4 - job.scored] and job.scored == len(predicted)
