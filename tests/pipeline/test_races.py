@@ -199,3 +199,29 @@ def test_cancel_while_scoring_leaves_no_prediction_on_a_cancelled_image(stack: A
     assert predicted == {i for i, s in images.items() if s == "scored"}
     job = job_row(settings, job_id)
     assert job.status == "cancelled" and other.results == [4 - job.scored] and job.scored == len(predicted)
+
+
+@pytest.mark.services
+def test_four_simultaneous_deletes_delete_once(stack: Any, api: Api) -> None:
+    """Four DELETEs of one job, three of them sent while the first has read the job: exactly one answers
+    already_deleted false and writes the `job.delete` audit event; every answer says nothing is left stored."""
+    from skinscan.tables import AuditEvent
+
+    settings = stack.settings()
+    job_id = submit(api, 3)
+
+    def delete() -> Any:
+        return api.client.application.test_client().delete(f"/api/v1/jobs/{job_id}", headers=api.headers())
+
+    with after_statement(get_engine(settings), stack.db.url, lambda s: "FROM jobs" in s, delete, delete,
+                         delete) as others:
+        first = delete()
+    answers = [r.get_json() for r in [first, *others.results]]
+    assert all(r.status_code == 200 for r in [first, *others.results]), answers
+    assert sorted(a["already_deleted"] for a in answers) == [False, True, True, True], answers
+    assert all(a["complete"] for a in answers), answers
+    with session_scope(settings) as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "job.delete",
+                                                          AuditEvent.target_id == job_id)).all()
+    assert len(events) == 1, f"{len(events)} job.delete audit events"
+    assert claimed_and_stored(stack, job_id) == (set(), set())
