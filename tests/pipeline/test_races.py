@@ -4,6 +4,10 @@ committed or waits on a lock the first holds."""
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -225,3 +229,61 @@ def test_four_simultaneous_deletes_delete_once(stack: Any, api: Api) -> None:
                                                           AuditEvent.target_id == job_id)).all()
     assert len(events) == 1, f"{len(events)} job.delete audit events"
     assert claimed_and_stored(stack, job_id) == (set(), set())
+
+
+def _deliver_half(r: Any, queue: str = "skinscan") -> tuple[str, bytes]:
+    """What a worker's BRPOP does: take the oldest message off the queue (kombu records it unacked next)."""
+    raw = r.rpop(queue)
+    assert raw is not None, "no message waiting"
+    return uuid.uuid4().hex, raw
+
+
+def _record_unacked(r: Any, tag: str, raw: bytes, queue: str = "skinscan") -> None:
+    """What kombu does next (QoS.append): record the delivered message in the `unacked` hash and its index."""
+    r.hset("unacked", tag, json.dumps([json.loads(raw), "", queue]))
+    r.zadd("unacked_index", {tag: time.time()})
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("moment", ["delivered", "mid-delivery"])
+def test_sweeper_never_judges_a_delivery_in_progress_lost(stack: Any, api: Api, monkeypatch: Any,
+                                                          moment: str) -> None:
+    """A stalled job's chunk is delivered to a worker right after the sweeper's first read of Redis (or was half
+    delivered: taken off the queue, not yet recorded unacked); the sweeper sends nothing. A chunk really lost
+    (in neither) is sent again."""
+    import redis
+
+    from skinscan.tables import utcnow
+    from worker.dispatch import requeue_lost
+
+    settings = stack.settings()
+    job_id = submit(api, 3)
+    long_ago = utcnow() - timedelta(hours=1)
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
+        session.execute(update(JobChunk).where(JobChunk.job_id == job_id).values(dispatched_at=long_ago))
+    r = redis.Redis.from_url(stack.redis_url)
+    assert r.llen("skinscan") == 1
+    half = _deliver_half(r) if moment == "mid-delivery" else None
+    fired: list[str] = []
+    execute = redis.Redis.execute_command
+
+    def delivery_after_first_read(self: Any, *args: Any, **options: Any) -> Any:
+        result = execute(self, *args, **options)
+        name = str(args[0]).upper() if args else ""
+        if not fired and name in ("HSCAN", "HVALS", "HGETALL", "LLEN", "LRANGE", "EVAL", "EVALSHA"):
+            fired.append(name)
+            _record_unacked(r, *(half or _deliver_half(r)))
+        return result
+
+    monkeypatch.setattr(redis.Redis, "execute_command", delivery_after_first_read)
+    sent = requeue_lost(settings)
+    monkeypatch.undo()
+    assert fired, "the sweeper read nothing from Redis"
+    assert sent == 0, f"a chunk being delivered was judged lost and sent again (first read: {fired[0]})"
+    assert r.hlen("unacked") == 1 and r.llen("skinscan") == 0
+
+    r.delete("unacked", "unacked_index")  # its worker died and the lease record went with it: really lost
+    with session_scope(settings) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
+    assert requeue_lost(settings) == 1 and r.llen("skinscan") == 1
