@@ -287,3 +287,38 @@ def test_sweeper_never_judges_a_delivery_in_progress_lost(stack: Any, api: Api, 
     with session_scope(settings) as session:
         session.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
     assert requeue_lost(settings) == 1 and r.llen("skinscan") == 1
+
+
+@pytest.mark.services
+def test_csv_export_while_scoring_lists_every_row_once(stack: Any, api: Api) -> None:
+    """Every image ties on upload position and the scored ones on malignancy; an image is scored to the top of the
+    risk order between two pages of the export. Each image is listed exactly once, ranked 1..n, ties by image id,
+    as the job stood when the export began."""
+    import csv
+
+    from skinscan.labels import CLASSES
+    from web.results import iter_csv
+    from worker.pipeline import claim_chunk, record_results
+
+    settings = stack.settings()
+    job_id = submit(api, 7)
+    ids = image_ids(settings, job_id)
+    version = job_row(settings, job_id).model_version
+    with session_scope(settings) as session:  # parts added at once used to share positions: all tie here
+        session.execute(update(ImageRecord).where(ImageRecord.job_id == job_id).values(position=0))
+    claim_chunk(job_id, ids, settings)
+    same = dict.fromkeys(CLASSES, 0.0) | {"mel": 0.3, "nv": 0.7}
+    record_results(job_id, _Rules(version), [Scored(i, same) for i in ids[:3]], settings)  # three tie on score
+
+    with session_scope(settings) as session:
+        export = iter_csv(session, session.get(Job, job_id), page=2)
+        first = next(export)  # the header and the first page
+        top = dict.fromkeys(CLASSES, 0.0) | {"mel": 0.95, "nv": 0.05}
+        record_results(job_id, _Rules(version), [Scored(ids[-1], top)], settings)  # another connection
+        text = first + "".join(export)
+    rows = list(csv.DictReader(text.splitlines()))
+    listed = [r["image_id"] for r in rows]
+    assert sorted(listed) == sorted(ids), f"rows repeated or vanished: {len(listed)} rows, {len(set(listed))} ids"
+    assert [int(r["risk_rank"]) for r in rows] == list(range(1, 8))
+    assert listed[:3] == sorted(ids[:3]) and listed[3:] == sorted(ids[3:])  # ties: image id order
+    assert [r["status"] for r in rows] == ["scored"] * 3 + ["pending"] * 4  # as the job stood at the start
