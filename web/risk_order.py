@@ -70,14 +70,3 @@ def ranked_ids(job: Job, version: str | None) -> Any:
     """Subquery of (image_id, rank) over all the job's images, rank 1 the highest malignancy score."""
     return (select(ImageRecord.id.label("image_id"), func.row_number().over(order_by=risk_order()).label("rank"))
             .outerjoin(Prediction, shown_join(version)).where(ImageRecord.job_id == job.id).subquery())
-
-
-def risk_ordered_images(session: Session, job: Job, version: str | None, limit: int | None = None,
-                        offset: int = 0) -> list[tuple[ImageRecord, int]]:
-    """Return (image, risk rank) of a job's images in risk order, optionally one page of them."""
-    stmt = (select(ImageRecord, func.row_number().over(order_by=risk_order()).label("rank"))
-            .outerjoin(Prediction, shown_join(version)).where(ImageRecord.job_id == job.id)
-            .order_by(*risk_order()).offset(offset))
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return [(image, int(rank)) for image, rank in session.execute(stmt).all()]
