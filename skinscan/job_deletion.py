@@ -72,8 +72,17 @@ def was_deleted(session: Session, clinic_id: str, job_id: str) -> bool:
 
 
 def delete_job(session: Session, storage: Storage, job: Job, actor: str, grace_seconds: int) -> Deletion:
-    """Delete a job's rows (audited, committed), then its stored objects; return what was done."""
+    """Delete a job's rows (audited, committed), then its stored objects; return what was done.
+
+    The job's row is locked first: of simultaneous deletions one deletes and audits, and the others, let through
+    once it committed, find the row gone and answer as for a job deleted before.
+    """
     job_id, clinic_id = job.id, job.clinic_id
+    locked = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if locked is None:
+        session.rollback()
+        return retry_deleted(session, storage, clinic_id, job_id)
+    job = locked
     prefix = job_prefix(clinic_id, job_id)
     images = session.scalar(select(func.count()).where(ImageRecord.job_id == job_id)) or 0
     audit.record(session, DELETE_ACTION, actor, clinic_id, "job", job_id,

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.storage import StorageError
@@ -104,13 +105,13 @@ def create():  # type: ignore[no-untyped-def]
 def add(job_id: str):  # type: ignore[no-untyped-def]
     """Add a part of files to a job created with finalize=false."""
     job = owned_job(job_id)
-    if job.status != "uploading":
+    if job.status != "uploading":  # checked again under the job's row lock before the part commits
         raise ApiError(f"job is {job.status}; images can only be added while it is uploading", 409)
     session = db()
-    start = session.scalar(select(func.count()).where(ImageRecord.job_id == job.id)) or 0
+    session.commit()  # end the lookup's transaction: the part is stored with no transaction held open
     try:
         accepted, rejected = add_images(session, storage(), job, iter_files(_uploaded_files(), settings()),
-                                        settings(), start=start)
+                                        settings())
         session.commit()
     except UploadError as exc:
         discard_stored(session, storage())
@@ -128,12 +129,11 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
 def start(job_id: str):  # type: ignore[no-untyped-def]
     """Close an uploading job (optionally with a labels CSV) and queue it for scoring."""
     job = owned_job(job_id)
-    if job.status != "uploading":
-        raise ApiError(f"job is already {job.status}", 409)
     session = db()
     match = None
     try:
         truth = parse_labels(_labels_bytes())
+        job = _locked_uploading(session, job.id)  # every check and write below holds the job's row lock
         if truth is not None:
             match = apply_labels(session, job, truth)
         if not session.scalar(select(func.count()).where(ImageRecord.job_id == job.id,
@@ -141,7 +141,7 @@ def start(job_id: str):  # type: ignore[no-untyped-def]
             raise UploadError("the job has no accepted images", 400)
     except UploadError as exc:  # no ghost: the job says why it did not start (and can be deleted)
         session.rollback()
-        fail_job(session, job, f"the job could not start: {exc}")
+        fail_job(session, _locked_uploading(session, job.id), f"the job could not start: {exc}")
         session.commit()
         raise ApiError(str(exc), exc.status, exc.details) from None
     finalize_job(session, job)
@@ -151,6 +151,15 @@ def start(job_id: str):  # type: ignore[no-untyped-def]
     if match is not None:
         body["labels"] = label_details(match)
     return jsonify(body), 202
+
+
+def _locked_uploading(session: Session, job_id: str) -> Job:
+    """The job under its row lock (held until commit), still uploading; else 409 (a request closed it first)."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.status != "uploading":
+        session.rollback()
+        raise ApiError(f"job is already {job.status if job else 'deleted'}", 409)
+    return job
 
 
 @bp.get("/jobs")

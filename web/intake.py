@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from skinscan import audit
@@ -160,12 +160,14 @@ def store_image(storage: Storage, prefix: str, data: bytes) -> tuple[str, str, s
 
 def add_images(
     session: Session, storage: Storage, job: Job, items: Iterator[tuple[str, bytes | Rejected]],
-    settings: Settings, start: int = 0, intent: UploadIntent | None = None,
+    settings: Settings, intent: UploadIntent | None = None,
 ) -> tuple[int, list[Rejected]]:
     """Store each accepted image and add its row to the session; refused files become failed rows.
 
     The intent to store (committed first, begun here unless given) ends in the session's transaction: committing
-    the rows claims the objects, and anything else leaves them to discard_stored or the orphan sweeper.
+    the rows claims the objects, and anything else leaves them to discard_stored or the orphan sweeper. The job's
+    row is locked before the rows are inserted and the part refused (UploadError 409) unless the job is still
+    uploading; the rows are numbered after the job's images under that lock.
     """
     intent = intent or begin_upload(settings, job.clinic_id, job.id)
     session.info.setdefault(UPLOAD_INTENTS, []).append(intent)
@@ -173,7 +175,7 @@ def add_images(
 
     def row(name: str, status: str, size: int, error: str | None = None, key: str | None = None,
             digest: str | None = None, ctype: str | None = None) -> None:
-        rows.append({"id": new_id(), "job_id": job.id, "clinic_id": job.clinic_id, "position": start + len(rows),
+        rows.append({"id": new_id(), "job_id": job.id, "clinic_id": job.clinic_id, "position": len(rows),
                      "filename": name, "storage_key": key, "sha256": digest, "size": size, "content_type": ctype,
                      "status": status, "error": error, "attempts": 0, "created_at": utcnow()})
 
@@ -192,12 +194,31 @@ def add_images(
             continue
         row(name, "pending", size, key=key, digest=digest, ctype=ctype)
         accepted += 1
+    job = lock_open_job(session, job.id)  # after storing, so the lock is held only while the rows commit
+    base = session.scalar(select(func.count()).where(ImageRecord.job_id == job.id)) or 0
+    for n, r in enumerate(rows):  # numbered under the lock: concurrent parts never share a position
+        r["position"] = base + n
     if rows:  # one multi-row INSERT for the part (no ORM object per image to flush)
         session.execute(insert(ImageRecord), rows)
     job.refused = (job.refused or 0) + len(rejected)
     job.updated_at = utcnow()  # an upload in parts is alive; the stale-upload sweeper goes by this
     end_upload(session, intent)
     return accepted, rejected
+
+
+def lock_open_job(session: Session, job_id: str) -> Job:
+    """Lock the job's row for this transaction and return it fresh; UploadError(409) unless it is uploading.
+
+    Every view that adds to, starts or cancels a job takes this lock before it checks the status, so a part
+    never lands in a job a concurrent start or cancel has just closed (the worker's claim takes it too).
+    """
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        raise UploadError("the job was deleted while this part was uploading; nothing was kept", 409)
+    if job.status != "uploading":
+        raise UploadError(f"job is {job.status}; images can only be added while it is uploading (this part was "
+                          "not kept)", 409)
+    return job
 
 
 def apply_labels(session: Session, job: Job, truth: GroundTruth) -> LabelMatch:

@@ -2,9 +2,10 @@
 
 The pending images become `cancelled` in one transaction that holds the job's row lock (the lock the worker's
 counter refresh takes), so the worker's claim, which only takes pending images, never scores them, and its
-refresh, which only finishes queued or running jobs, never flips the job back. A chunk already being scored may
-still write predictions for images cancelled meanwhile; they stay `cancelled`, and counts, tables and exports
-ignore their predictions. What was scored before keeps its results, and its metrics are stored.
+refresh, which only finishes queued or running jobs, never flips the job back. A chunk already being scored
+writes nothing for images cancelled meanwhile: its results transaction locks the job row first and gives a
+prediction only to images it moves out of `pending` (a cancel coming then waits for it). What was scored before
+keeps its results, and its metrics are stored.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from skinscan.registry import production_model
 from skinscan.reviews import current_reviews
 from skinscan.tables import ImageRecord, Job, Prediction
 from web.referral import OperatingPoint, deployment_sensitivity, flag_reason, operating_point
-from web.risk_order import results_version, risk_ordered_images
+from web.risk_order import results_version, risk_page
 
 CSV_COLUMNS = ["image_id", "filename", "risk_rank", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
                "malignancy_score", "flagged", "flag_reason", "model_version", "true_label", "error",
@@ -118,18 +118,25 @@ def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
 
 def ranked_rows(session: Session, job: Job, page: int = 500) -> Iterator[list[dict[str, Any]]]:
     """Yield a job's result rows a page at a time in the risk order of its page (rank 1 = highest malignancy
-    score under the shown model version), each with its `risk_rank`."""
+    score under the shown model version), each with its `risk_rank`.
+
+    Pages are read by keyset over a total order (image id last), on PostgreSQL all in one REPEATABLE READ
+    snapshot: while scoring goes on, every image is listed exactly once, as the job stood when the export began.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.commit()  # end what the request read; the export's transaction is one snapshot
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     version = results_version(session, job)
-    offset = 0
+    rank, after = 0, None
     while True:
-        ranked = risk_ordered_images(session, job, version, page, offset)
-        if not ranked:
+        images, after = risk_page(session, job, version, page, after)
+        if not images:
             return
-        rows = rows_for(session, [image for image, _ in ranked], job, version=version)
-        for row, (_, rank) in zip(rows, ranked, strict=True):
+        rows = rows_for(session, images, job, version=version)
+        for row in rows:
+            rank += 1
             row["risk_rank"] = rank
         yield rows
-        offset += page
 
 
 def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:

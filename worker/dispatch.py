@@ -6,12 +6,14 @@ when it was dispatched and as which Celery task id, committed before the message
 sweeper re-sends a chunk only when it is unfinished, was dispatched longer ago than the lost-message bound
 (`requeue_after_seconds`), is not held by a worker (the broker's unacknowledged messages) and is no longer waiting
 in its queue: queues are first in, first out, so a chunk dispatched before the oldest message still waiting has
-already been delivered. A queue backlog therefore breeds no duplicate tasks.
+already been delivered. A queue backlog therefore breeds no duplicate tasks. What workers hold and what waits are
+read in one atomic snapshot, twice a moment apart, so a message being delivered is never in neither.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ FINISH_TASK = "worker.tasks.finish_job"
 RESCORE_TASK, RESCORE_QUEUE = "worker.tasks.rescore_chunk", "rescore"
 ALWAYS = datetime.max.replace(tzinfo=UTC)  # a queue with no chunk waiting: every older chunk was delivered
 NEVER = datetime.min.replace(tzinfo=UTC)  # a queue whose waiting chunks cannot be told: none is lost
+CONFIRM_AFTER = 1.0  # seconds between the two reads of a queue's state (a delivery in progress shows)
 SWEEP_LIMIT = 1000  # re-score chunks looked at per sweep (the oldest first): a sweep costs O(SWEEP_LIMIT)
 
 
@@ -78,19 +81,27 @@ def horizon(length: int, head: list[str], dispatched: dict[str, datetime], depth
 
 
 def queue_state(settings: Settings, queue: str, lookup: Callable[[list[str]], dict[str, datetime]],
-                depth: int = 20) -> QueueState:
-    """Read the broker's view of a queue (Redis); another broker gives the default: nothing held or waiting."""
+                depth: int = 20, confirm_after: float = CONFIRM_AFTER) -> QueueState:
+    """Read the broker's view of a queue (Redis); another broker gives the default: nothing held or waiting.
+
+    Each read is one atomic snapshot of the held messages and the queue's head. It is taken twice, `confirm_after`
+    seconds apart, and a chunk counts as held or waiting if either says so: a worker takes a message off the queue
+    (BRPOP) before it records it as held, so a delivery in progress is in neither for a moment.
+    """
     from worker.celery_app import celery_for
-    from worker.leases import held_task_ids, queue_head
+    from worker.leases import queue_snapshot
 
     app = celery_for(settings)
     if not str(app.conf.broker_url or "").startswith(("redis://", "rediss://")):
         return QueueState()
+    states = []
     with app.connection_for_read() as conn:
-        channel = conn.default_channel
-        held = held_task_ids(channel)
-        length, head = queue_head(channel, queue, depth)
-    return QueueState(frozenset(held), horizon(length, head, lookup(head) if head else {}, depth))
+        for n in range(2):
+            if n:
+                time.sleep(confirm_after)
+            held, length, head = queue_snapshot(conn.default_channel, queue, depth)
+            states.append(QueueState(frozenset(held), horizon(length, head, lookup(head) if head else {}, depth)))
+    return QueueState(states[0].held | states[1].held, min(states[0].horizon, states[1].horizon))
 
 
 def _job_dispatch_times(settings: Settings) -> Callable[[list[str]], dict[str, datetime]]:

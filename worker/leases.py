@@ -7,8 +7,8 @@ older than the visibility timeout back on its queue. With a short visibility tim
 time of every message a live worker holds (running, reserved or waiting for a retry's countdown) several times
 per visibility timeout, so a task that runs longer than the timeout is never delivered a second time.
 
-The stalled-job sweeper reads the same structures (held_task_ids, queue_head) to tell a lost chunk from one that
-is still waiting in the queue or held by a live worker.
+The stalled-job sweeper reads the same structures (queue_snapshot, one atomic read) to tell a lost chunk from one
+that is still waiting in the queue or held by a live worker.
 """
 
 from __future__ import annotations
@@ -63,30 +63,30 @@ def _task_id(raw: bytes | str) -> str | None:
     return task_id if isinstance(task_id, str) else None
 
 
-def held_task_ids(channel: Any) -> set[str]:
-    """Task ids of every message a worker holds now (delivered, not acknowledged): the broker's `unacked` hash.
+# One atomic read of what workers hold (the `unacked` hash) and what waits in a queue (its length and the `depth`
+# messages at its right end, the next to be delivered): no delivery can fall between the two, as it could between
+# two round trips. Its size is bounded by the workers' prefetch and the retries waiting for their countdown.
+_SNAPSHOT = """
+local held = redis.call('HVALS', KEYS[1])
+local length = redis.call('LLEN', KEYS[2])
+local head = redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)
+return {held, length, head}
+"""
 
-    Its size is bounded by the workers' prefetch and the retries waiting for their countdown, not by the queue.
-    """
-    key = getattr(channel, "unacked_key", "unacked")
-    with channel.conn_or_acquire() as client:
-        ids = (_task_id(raw) for _, raw in client.hscan_iter(key, count=500))
-        return {i for i in ids if i is not None}
 
-
-def queue_head(channel: Any, queue: str, depth: int = 20) -> tuple[int, list[str]]:
-    """(length of a queue, task ids of its next `depth` messages, the next to be delivered first).
+def queue_snapshot(channel: Any, queue: str, depth: int = 20) -> tuple[set[str], int, list[str]]:
+    """(task ids every worker holds now, length of a queue, task ids of its next `depth` messages, the next to be
+    delivered first), read in one Lua script.
 
     kombu's Redis transport publishes with LPUSH and consumes with BRPOP from the right, and puts a message whose
     lease ran out back at the right: what waits at the right end is the oldest message in the queue.
     """
+    key = getattr(channel, "unacked_key", "unacked")
     with channel.conn_or_acquire() as client:
-        pipe = client.pipeline()
-        pipe.llen(queue)
-        pipe.lrange(queue, -depth, -1)
-        length, raws = pipe.execute()
-    ids = (_task_id(raw) for raw in reversed(raws))
-    return int(length), [i for i in ids if i is not None]
+        held_raw, length, raws = client.register_script(_SNAPSHOT)(keys=[key, queue], args=[depth])
+    held = (_task_id(raw) for raw in held_raw)
+    head = (_task_id(raw) for raw in reversed(raws))
+    return {i for i in held if i is not None}, int(length), [i for i in head if i is not None]
 
 
 class LeaseRenewal(bootsteps.StartStopStep):

@@ -7,7 +7,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, literal, select, text, update
+from sqlalchemy import case, exists, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Tries per image: a delivery that crashed, timed out or hit an outage counts one try for each image it tried.
 MAX_ATTEMPTS = 8
+OPEN_STATUSES = ("uploading", "queued", "running")  # a job whose images may still be scored
 MISSING_OBJECT = "the stored image is missing (it was deleted from storage); upload it again"
 # Tries on an image whose stored object is not found before it fails as missing: storage that lags (a replica, a
 # restore in progress) gets the task's backoff between tries to catch up. A missing bucket is an outage instead.
@@ -89,12 +90,19 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
     uploads).
     """
     with session_scope(settings) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status in ("done", "failed", "cancelled"):
+        # One conditional UPDATE reads and moves the job and takes its row lock for the transaction: a cancel (or
+        # any finish) committed before it is never overwritten, and one that comes after waits for this claim.
+        now = utcnow()
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_(OPEN_STATUSES))
+            .values(status=case((Job.status == "queued", "running"), else_=Job.status),
+                    started_at=case((Job.status == "queued", func.coalesce(Job.started_at, now)),
+                                    else_=Job.started_at),
+                    updated_at=now)
+            .returning(Job.model_version)
+        ).first()
+        if claimed is None:  # gone, or finished (done, failed, cancelled)
             return None, []
-        if job.status == "queued":
-            job.status, job.started_at = "running", job.started_at or utcnow()
-        job.updated_at = utcnow()
         reason = (f"could not be scored in {MAX_ATTEMPTS} attempts (the worker crashed, timed out or could not "
                   "reach a service each time)")
         gave_up = session.execute(
@@ -104,7 +112,8 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
             .values(status="failed",
                     error=literal(reason) + func.coalesce(literal("; last error: ") + ImageRecord.error, ""))
         ).rowcount or 0
-        job.failed += gave_up
+        if gave_up:
+            session.execute(update(Job).where(Job.id == job_id).values(failed=Job.failed + gave_up))
         todo = session.execute(
             select(ImageRecord.id, ImageRecord.storage_key, ImageRecord.attempts).where(
                 ImageRecord.id.in_(image_ids), ImageRecord.job_id == job_id, ImageRecord.status == "pending")
@@ -112,7 +121,7 @@ def claim_chunk(job_id: str, image_ids: list[str], settings: Settings) -> tuple[
         ).all()
         if todo and _first_delivery(todo):
             _count_attempt(session, job_id, [i for i, _, _ in todo])
-        return job.model_version, [(i, k, a) for i, k, a in todo]
+        return claimed.model_version, [(i, k, a) for i, k, a in todo]
 
 
 def _first_delivery(todo: list[Any]) -> bool:
@@ -142,24 +151,35 @@ def note_error(job_id: str, image_ids: list[str], error: str, settings: Settings
 def record_results(job_id: str, scorer: Scorer, results: list[Scored], settings: Settings) -> None:
     """Write a chunk's predictions, image statuses and the job's counters in one transaction.
 
-    The counters move by the images this call took out of pending (a redelivered chunk moves them by nothing), so
-    a chunk costs no count over the job's images; the job is recounted in full once none is pending, when it
-    finishes (refresh_job).
+    The job's row is locked first (the order a cancel and the counter refresh lock in), then only images still
+    pending move, and only those that moved get a prediction: an image cancelled (or failed) while its chunk was
+    in flight keeps no prediction, and a cancel coming now waits for this transaction. The counters move by the
+    images this call took out of pending (a redelivered chunk moves them by nothing), so a chunk costs no count
+    over the job's images; the job is recounted in full once none is pending, when it finishes (refresh_job).
     """
     with session_scope(settings) as session:
-        write_predictions(session, scorer, results)
+        locked = session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow())
+                                 .returning(Job.id)).first()
+        if locked is None:  # the job was deleted while its chunk was scored
+            return
         ok = [r.image_id for r in results if r.probabilities is not None]
-        scored = failed = 0
+        moved: set[str] = set()
         if ok:
-            scored = session.execute(update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.status == "pending")
-                                     .values(status="scored", error=None)).rowcount or 0
+            moved = set(session.scalars(
+                update(ImageRecord).where(ImageRecord.id.in_(ok), ImageRecord.job_id == job_id,
+                                          ImageRecord.status == "pending")
+                .values(status="scored", error=None).returning(ImageRecord.id)))
+        write_predictions(session, scorer, [r for r in results if r.image_id in moved])
+        failed = 0
         for r in results:
             if r.error is not None:
                 failed += session.execute(
-                    update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.status == "pending")
+                    update(ImageRecord).where(ImageRecord.id == r.image_id, ImageRecord.job_id == job_id,
+                                              ImageRecord.status == "pending")
                     .values(status="failed", error=r.error)).rowcount or 0
-        session.execute(update(Job).where(Job.id == job_id)
-                        .values(scored=Job.scored + scored, failed=Job.failed + failed, updated_at=utcnow()))
+        if moved or failed:
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(scored=Job.scored + len(moved), failed=Job.failed + failed))
         pending = session.scalar(select(exists().where(ImageRecord.job_id == job_id,
                                                        ImageRecord.status == "pending")))
     if not pending:

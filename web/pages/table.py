@@ -143,7 +143,7 @@ def results_page(session: Session, job: Job, version: str | None, q: TableQuery)
     ranked = ranked_ids(job, version)
     stmt = (_filtered(select(ImageRecord, Prediction, ranked.c.rank).outerjoin(Prediction, join)
                       .join(ranked, ranked.c.image_id == ImageRecord.id), job, q)
-            .order_by(order, ImageRecord.position).limit(q.per_page).offset((page - 1) * q.per_page))
+            .order_by(order, ImageRecord.position, ImageRecord.id).limit(q.per_page).offset((page - 1) * q.per_page))
     rows = [ResultRow(image, prediction, int(rank)) for image, prediction, rank in session.execute(stmt).all()]
     return TablePage(rows=rows, total=total, page=page, per_page=q.per_page)
 
