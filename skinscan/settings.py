@@ -87,6 +87,7 @@ class Settings:
     signin_failures_per_account: Count = 10  # failed sign-ins per window before 429 (0: no limit)
     signin_failures_per_address: Count = 20
     signin_window_seconds: Positive = 900
+    trusted_proxies: Count = 0  # proxies in front of web whose X-Forwarded-For/-Proto are believed (0: none)
     rescore_enabled: bool = True
     rescore_hour: Annotated[int, Field(ge=0, le=23)] = 2
     rescore_minute: Annotated[int, Field(ge=0, le=59)] = 0

@@ -32,6 +32,13 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     )
     if test_config:
         app.config.update(test_config)
+    if settings.trusted_proxies:
+        # Behind N load balancers the client address is the Nth-from-last X-Forwarded-For entry (Werkzeug's
+        # ProxyFix); with 0 the headers are ignored, so a client cannot choose the address it is throttled by.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
+                                x_proto=settings.trusted_proxies)
     app.extensions["skinscan.settings"] = settings
 
     from web import api, errors, health, ratelimit
