@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from skinscan.logs import cap_library_loggers
 from skinscan.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     """Application factory: configure from settings, register blueprints, error handlers and headers."""
     settings = settings or load_settings()
     settings.check_production()
+    cap_library_loggers()
     from web.limits import CountingRequest, max_form_parts
 
     app = Flask(__name__)
