@@ -304,6 +304,71 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _clinic_named(session: object, name: str) -> object:
+    """The clinic of this name, or SystemExit naming the command that lists them."""
+    from sqlalchemy import select
+
+    from skinscan.tables import Clinic
+
+    clinic = session.scalars(select(Clinic).where(Clinic.name == name)).first()  # type: ignore[attr-defined]
+    if clinic is None:
+        raise SystemExit(f"no clinic named {name!r} (`skinscan clinics list` shows them)")
+    return clinic
+
+
+def cmd_clinics_keys(args: argparse.Namespace) -> int:
+    """List a clinic's API keys by prefix (the keys themselves are never stored)."""
+    from skinscan.api_keys import list_keys
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    with session_scope(settings) as session:
+        keys = list_keys(session, _clinic_named(session, args.clinic).id)  # type: ignore[attr-defined]
+    print(f"{'Prefix':<14}{'Created':<18}Revoked")  # noqa: T201
+    for k in keys:
+        print(f"{k.prefix:<14}{_fmt_time(k.created_at):<18}{_fmt_time(k.revoked_at)}")  # noqa: T201
+    return 0
+
+
+def _key_change_failed(exc: Exception) -> SystemExit:
+    return SystemExit(f"{exc}; nothing was changed (`skinscan clinics keys CLINIC` lists the keys)")
+
+
+def cmd_clinics_revoke_key(args: argparse.Namespace) -> int:
+    """Revoke one of a clinic's API keys by its prefix; audited."""
+    from skinscan.api_keys import ApiKeyError, revoke_key
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    try:
+        with session_scope(settings) as session:
+            clinic = _clinic_named(session, args.clinic)
+            revoke_key(session, clinic.id, _actor(), prefix=args.prefix)  # type: ignore[attr-defined]
+    except ApiKeyError as exc:
+        raise _key_change_failed(exc) from None
+    print(f"Key {args.prefix} of {args.clinic!r} revoked: it is refused (401) by every web process within "  # noqa: T201
+          f"{settings.api_key_cache_seconds} s (SKINSCAN_API_KEY_CACHE_SECONDS).")
+    return 0
+
+
+def cmd_clinics_rotate_key(args: argparse.Namespace) -> int:
+    """Issue a clinic a new API key and revoke the old one (or every active one); audited."""
+    from skinscan.api_keys import ApiKeyError, rotate_key
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    try:
+        with session_scope(settings) as session:
+            clinic = _clinic_named(session, args.clinic)
+            key, revoked = rotate_key(session, clinic, _actor(), prefix=args.prefix)  # type: ignore[arg-type]
+    except ApiKeyError as exc:
+        raise _key_change_failed(exc) from None
+    print(f"Revoked {', '.join(revoked) or 'no key'} of {args.clinic!r} (refused within "  # noqa: T201
+          f"{settings.api_key_cache_seconds} s). The new key is shown once: keep it somewhere safe.")
+    print(f"API key: {key}")  # noqa: T201 - the key is the command's output
+    return 0
+
+
 def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
     """Return (password, generated): from standard input, SKINSCAN_USER_PASSWORD, a prompt, or generated."""
     if getattr(args, "password", None) is not None:
@@ -453,7 +518,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     p.add_argument("--downgrade", default=None, metavar="REVISION", help="downgrade to this revision instead")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("clinics", help="create and list clinics (API keys)")
+    p = sub.add_parser("clinics", help="create and list clinics; list, revoke and rotate their API keys")
     csub = p.add_subparsers(dest="clinics_command", required=True)
     c = csub.add_parser("create", help="create a clinic; prints its API key, labelled, on the last line")
     c.add_argument("name", help="the clinic's name (quote it if it has spaces)")
@@ -463,6 +528,18 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     c.set_defaults(func=cmd_clinics_create)
     c = csub.add_parser("list", help="list the clinics with their numbers of active keys, web users and jobs")
     c.set_defaults(func=cmd_clinics_list)
+    c = csub.add_parser("keys", help="list a clinic's API keys by prefix, with when each was revoked")
+    c.add_argument("clinic", help="the clinic's name")
+    c.set_defaults(func=cmd_clinics_keys)
+    c = csub.add_parser("revoke-key", help="revoke one API key of a clinic (by its prefix); audited")
+    c.add_argument("clinic", help="the clinic's name")
+    c.add_argument("prefix", help="the key's first 12 characters (`skinscan clinics keys CLINIC`)")
+    c.set_defaults(func=cmd_clinics_revoke_key)
+    c = csub.add_parser("rotate-key", help="issue a new API key and revoke the old one; audited")
+    c.add_argument("clinic", help="the clinic's name")
+    c.add_argument("prefix", nargs="?", default=None,
+                   help="the key to replace (default: every active key of the clinic)")
+    c.set_defaults(func=cmd_clinics_rotate_key)
 
     p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)
