@@ -66,6 +66,7 @@ class Settings:
 
     data_dir: ResolvedPath = Path("skinscan-data")
     database_url: str = ""  # "": the SQLite file skinscan.db in data_dir
+    db_runtime_role: str | None = None  # `skinscan migrate` grants this PostgreSQL role the runtime privileges
     redis_url: str | None = None
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None

@@ -146,10 +146,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_privileged(settings: Settings) -> None:
+    """In production, log a warning if this process's database role could switch the audit triggers off."""
+    if settings.production:
+        from skinscan.db_roles import warn_if_privileged
+
+        warn_if_privileged(settings)
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     """Run the web app under gunicorn (production)."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     argv = ["--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
             "--threads", str(args.threads), "--timeout", "300", "--access-logfile", "-",
             "--config", "python:web.gunicorn_conf", "web:create_app()"]
@@ -163,6 +172,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker (production); refuses to start without a usable model bundle."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     _check_model(settings)
     from training.predictor import available_cores
 
@@ -198,6 +208,7 @@ def cmd_beat(_args: argparse.Namespace) -> int:
     """Run Celery beat: the nightly re-score and the stalled-job sweeper."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     from worker.celery_app import celery_app
 
     schedule = settings.data_dir / "celerybeat-schedule"
@@ -228,6 +239,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         downgrade(settings, args.downgrade)
     else:
         upgrade(settings, args.revision)
+        from skinscan.db_roles import grant_runtime_role
+
+        grant_runtime_role(settings)  # SKINSCAN_DB_RUNTIME_ROLE: web, worker and beat's least-privilege role
     return 0
 
 
