@@ -147,10 +147,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _warn_if_privileged(settings: Settings) -> None:
-    """In production, log a warning if this process's database role could switch the audit triggers off."""
+    """In production: refuse object storage without credentials (ConfigError), and log a warning if this
+    process's database role could switch the audit triggers off."""
     if settings.production:
         from skinscan.db_roles import warn_if_privileged
+        from skinscan.storage import get_storage
 
+        get_storage(settings)
         warn_if_privileged(settings)
 
 
