@@ -189,6 +189,7 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
 # vendor data; COM) is dropped wherever it sits, between scans of a progressive file included.
 _JPEG_KEEP = {m for m in range(0xC0, 0xD0) if m != 0xC8} | {0xDA, 0xDB, 0xDC, 0xDD}
 _JPEG_RST = range(0xD0, 0xD8)
+_JPEG_FRAMES = _JPEG_KEEP - {0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD}  # SOF0-15: their components name DQT tables
 # Pillow modes a PNG is re-encoded in as they are (lossless, 16-bit greyscale included).
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
@@ -208,17 +209,93 @@ def _rebuilt_app(marker: int, body: bytes) -> bytes:
     return b""
 
 
+def _quant_tables(body: bytes) -> list[tuple[int, bytes]] | None:
+    """Split a DQT segment into its tables: (table id, the table's bytes); None if the segment is malformed."""
+    tables, pos = [], 0
+    while pos < len(body):
+        precision, table = body[pos] >> 4, body[pos] & 0x0F
+        length = 1 + (128 if precision else 64)
+        if precision > 1 or table > 3 or pos + length > len(body):
+            return None
+        tables.append((table, body[pos : pos + length]))
+        pos += length
+    return tables
+
+
+def _huffman_tables(body: bytes) -> list[tuple[int, bytes]] | None:
+    """Split a DHT segment into its tables: (class << 4 | id, the table's bytes); None if malformed."""
+    tables, pos = [], 0
+    while pos < len(body):
+        if pos + 17 > len(body) or body[pos] >> 4 > 1 or body[pos] & 0x0F > 3:
+            return None
+        length = 17 + sum(body[pos + 1 : pos + 17])
+        if pos + length > len(body):
+            return None
+        tables.append((body[pos], body[pos : pos + length]))
+        pos += length
+    return tables
+
+
+def _tables_used(parts: list[tuple[int, bytes] | bytes]) -> tuple[set[int], set[int]] | None:
+    """The quantisation table ids the frame's components name and the Huffman tables (class << 4 | id) the scans
+    name; None if a frame or scan header is malformed."""
+    quant: set[int] = set()
+    huffman: set[int] = set()
+    for part in parts:
+        if isinstance(part, bytes):
+            continue
+        marker, body = part
+        if marker == 0xDA:
+            count = body[0] if body else 0
+            if len(body) < 1 + 2 * count:
+                return None
+            for i in range(count):
+                selectors = body[2 + 2 * i]
+                huffman |= {selectors >> 4, 0x10 | (selectors & 0x0F)}
+        elif marker in _JPEG_FRAMES:
+            count = body[5] if len(body) > 5 else 0
+            if len(body) < 6 + 3 * count:
+                return None
+            quant |= {body[6 + 3 * i + 2] for i in range(count)}
+    return quant, huffman
+
+
+def _assemble(parts: list[tuple[int, bytes] | bytes]) -> bytes | None:
+    """Write the kept segments and scan data, each DQT and DHT cut to the tables the frame and scans use (an unused
+    table is 64 to 256 bytes anyone could fill); None if a header is malformed."""
+    used = _tables_used(parts)
+    if used is None:
+        return None
+    quant, huffman = used
+    out = bytearray(b"\xff\xd8")
+    for part in parts:
+        if isinstance(part, bytes):
+            out += part
+            continue
+        marker, body = part
+        if marker in (0xDB, 0xC4):
+            tables = _quant_tables(body) if marker == 0xDB else _huffman_tables(body)
+            if tables is None:
+                return None
+            body = b"".join(t for ident, t in tables if ident in (quant if marker == 0xDB else huffman))
+            if not body:
+                continue
+        out += _jpeg_segment(marker, body)
+    return bytes(out)
+
+
 def _rebuild_jpeg(data: bytes) -> bytes | None:
     """Rebuild a JPEG from an allow-list of segments, keeping its compressed pixels bit for bit.
 
     Walks every marker up to the first end-of-image, skipping over each scan's entropy-coded data, so a segment
     between the scans of a progressive JPEG is seen too; nothing after the end-of-image (a second picture of a
-    multi-picture file, camera trailers) is kept. A scan cut off before its end keeps no data: such a file cannot
-    be decoded anyway, and its tail could be anything. Returns None if the layout is not a JPEG's.
+    multi-picture file, camera trailers) is kept, nor a quantisation or Huffman table nothing uses. A scan cut off
+    before its end keeps no data: such a file cannot be decoded anyway, and its tail could be anything. Returns
+    None if the layout is not a JPEG's.
     """
     if data[:2] != b"\xff\xd8":
         return None
-    out = bytearray(b"\xff\xd8")
+    parts: list[tuple[int, bytes] | bytes] = []  # kept segments (marker, body) and scan data, in file order
     pos, size = 2, len(data)
     while pos < size:
         if data[pos] != 0xFF:
@@ -230,7 +307,8 @@ def _rebuild_jpeg(data: bytes) -> bytes | None:
         marker = data[pos]
         pos += 1
         if marker == 0xD9:
-            return bytes(out + b"\xff\xd9")
+            whole = _assemble(parts)
+            return None if whole is None else whole + b"\xff\xd9"
         if marker in _JPEG_RST or marker in (0x01, 0xD8):  # stand-alone markers out of place carry nothing
             continue
         length = int.from_bytes(data[pos : pos + 2], "big")
@@ -239,16 +317,18 @@ def _rebuild_jpeg(data: bytes) -> bytes | None:
         body = data[pos + 2 : pos + length]
         pos += length
         if marker in _JPEG_KEEP:
-            out += _jpeg_segment(marker, body)
+            parts.append((marker, body))
         elif 0xE0 <= marker <= 0xEF:
-            out += _rebuilt_app(marker, body)
+            app = _rebuilt_app(marker, body)
+            if app:
+                parts.append(app)
         if marker != 0xDA:
             continue
         start = pos  # entropy-coded data: up to a marker other than a stuffed 0xFF00 or a restart marker
         while True:
             ff = data.find(b"\xff", pos)
             if ff < 0 or ff + 1 >= size:
-                return bytes(out)  # cut off inside a scan: decoding it fails with "truncated" either way
+                return _assemble(parts)  # cut off inside a scan: decoding it fails with "truncated" either way
             following = data[ff + 1]
             if following == 0x00 or following in _JPEG_RST:
                 pos = ff + 2
@@ -258,7 +338,7 @@ def _rebuild_jpeg(data: bytes) -> bytes | None:
                 break
         while ff > start and data[ff - 1] == 0xFF:
             ff -= 1
-        out += data[start:ff]
+        parts.append(data[start:ff])
         pos = ff
     return None
 

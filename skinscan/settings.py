@@ -20,6 +20,13 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, cr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "dev-insecure-change-me"
+# Credentials published in examples and earlier compose files: a production node refuses each of them.
+KNOWN_DEFAULT_SECRETS = frozenset({
+    DEFAULT_SECRET, "change-me-to-a-long-random-string",  # SECRET_KEY: built in, .env.example
+    "minioadmin", "skinscan-minio-secret", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",  # S3: MinIO, compose, AWS docs
+    "skinscan", "secret", "postgres", "password",  # database passwords: compose, .env.example, common images
+})
+KNOWN_DEFAULT_ACCESS_KEYS = frozenset({"minioadmin", "AKIAIOSFODNN7EXAMPLE"})
 
 
 class ConfigError(RuntimeError):
@@ -53,11 +60,13 @@ ENV_NAMES = {
     "s3_bucket": "S3_BUCKET",
     "s3_endpoint_url": "S3_ENDPOINT_URL",
     "secret_key": "SECRET_KEY",
+    "s3_access_key_id": "AWS_ACCESS_KEY_ID",
+    "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "model_path": "SKINSCAN_MODEL",
     "production": "SKINSCAN_ENV",
 }
 # Values never repeated in an error message.
-_SECRET_FIELDS = {"database_url", "redis_url", "secret_key"}
+_SECRET_FIELDS = {"database_url", "redis_url", "secret_key", "s3_secret_access_key"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,12 @@ class Settings:
 
     data_dir: ResolvedPath = Path("skinscan-data")
     database_url: str = ""  # "": the SQLite file skinscan.db in data_dir
+    db_runtime_role: str | None = None  # `skinscan migrate` grants this PostgreSQL role the runtime privileges
     redis_url: str | None = None
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None  # boto3 reads these itself; here only for the production check
+    s3_secret_access_key: str | None = None
     secret_key: str = DEFAULT_SECRET
     model_path: UserPath | None = None
     production: bool = False  # SKINSCAN_ENV=production (or development, the default)
@@ -87,6 +99,7 @@ class Settings:
     signin_failures_per_account: Count = 10  # failed sign-ins per window before 429 (0: no limit)
     signin_failures_per_address: Count = 20
     signin_window_seconds: Positive = 900
+    trusted_proxies: Count = 0  # proxies in front of web whose X-Forwarded-For/-Proto are believed (0: none)
     rescore_enabled: bool = True
     rescore_hour: Annotated[int, Field(ge=0, le=23)] = 2
     rescore_minute: Annotated[int, Field(ge=0, le=59)] = 0
@@ -135,8 +148,29 @@ class Settings:
             problems.append("REDIS_URL must name the Redis broker (Celery would run in-process)")
         if self.s3_bucket is None:
             problems.append("S3_BUCKET must name the image bucket (images would go to a local folder)")
+        problems += self._default_credentials()
         if problems:
             raise ConfigError("refusing to start in production (SKINSCAN_ENV=production): " + "; ".join(problems))
+
+
+    def _default_credentials(self) -> list[str]:
+        """Every setting that holds a published default credential (example files, earlier compose files)."""
+        from urllib.parse import urlsplit
+
+        found = []
+        if self.secret_key in KNOWN_DEFAULT_SECRETS and self.secret_key != DEFAULT_SECRET:
+            found.append("SECRET_KEY is the example value from .env.example")
+        if self.s3_access_key_id in KNOWN_DEFAULT_ACCESS_KEYS or self.s3_secret_access_key in KNOWN_DEFAULT_SECRETS:
+            found.append("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are a published default (give the app its own "
+                         "S3 credentials)")
+        for name, url in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url or "")):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            if password in KNOWN_DEFAULT_SECRETS:
+                found.append(f"{name} has a published default password")
+        return found
 
 
 def env_name(field: str) -> str:

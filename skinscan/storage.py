@@ -9,8 +9,17 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from skinscan.s3http import ObjectClient, Presigner, Response, frozen_credentials
-from skinscan.settings import Settings, load_settings
+from skinscan.s3http import (
+    GET_CHECKSUM,
+    ChecksumMismatch,
+    ObjectClient,
+    Presigner,
+    Response,
+    frozen_credentials,
+    put_checksums,
+    verify_get,
+)
+from skinscan.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +118,11 @@ class S3Storage:
     """Objects in an S3-compatible bucket through boto3, with retries and timeouts.
 
     Reads (the worker's hot path, one per image scored) and writes (the web's, one per uploaded image) go over
-    skinscan.s3http: a SigV4 presigned URL made here and a keep-alive `http.client` connection per thread, about
-    0.4 ms of client CPU per object against 1.0 ms for boto3's presigner and urllib3 and 1.5 ms for `get_object`
-    (measured on the 2-core VM). With no credentials at all the requests go unsigned (a public bucket), as boto3's
-    presigner sends them. Behind an HTTP proxy, boto3 does both (it knows the proxy settings).
+    skinscan.s3http: a URL presigned here by botocore's SigV4 signer and a keep-alive `http.client` connection per
+    thread. Every PUT sends Content-MD5 and x-amz-checksum-crc32 as signed headers (the server refuses other bytes
+    and keeps the CRC32), every GET checks the bytes against the stored CRC32 (StorageError if they differ). With
+    no credentials at all the requests go unsigned (a public bucket; refused in production, see get_storage).
+    Behind an HTTP proxy, boto3 does both (it knows the proxy settings), with its own checksums.
     """
 
     def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
@@ -138,13 +148,20 @@ class S3Storage:
             self._objects = ObjectClient(presigner, connect_timeout=5, read_timeout=30,
                                          ca_file=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
-    def _target(self, method: str, key: str, content_type: str | None = None) -> str:
-        """A presigned path and query for one object, signed with the current credentials."""
+    @property
+    def signed(self) -> bool:
+        """Whether requests are signed (some credentials were found); False: a public bucket, anonymously."""
+        return frozen_credentials(self._credentials) is not None
+
+    def _target(self, method: str, key: str, content_type: str | None = None,
+                headers: dict[str, str] | None = None) -> str:
+        """A presigned path and query for one object, signed with the current credentials and these headers."""
         assert self._objects is not None
         credentials = frozen_credentials(self._credentials)
         if credentials is None:
             return self._objects.presigner.path(self.bucket, key)  # anonymous: unsigned
-        return self._objects.presigner.presign(method, self.bucket, key, credentials, content_type=content_type)
+        return self._objects.presigner.presign(method, self.bucket, key, credentials, content_type=content_type,
+                                               headers=headers)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Upload bytes to the bucket."""
@@ -152,8 +169,9 @@ class S3Storage:
             if self._objects is None:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
                 return
-            response = self._objects.request("PUT", self._target("PUT", key, content_type), body=data,
-                                             headers={"Content-Type": content_type})
+            checksums = put_checksums(data)
+            response = self._objects.request("PUT", self._target("PUT", key, content_type, checksums), body=data,
+                                             headers={"Content-Type": content_type, **checksums})
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - botocore and the socket layer raise many types
@@ -166,13 +184,19 @@ class S3Storage:
         try:
             if self._objects is None:
                 return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            response = self._objects.request("GET", self._target("GET", key))
+            response = self._objects.request("GET", self._target("GET", key, headers=GET_CHECKSUM),
+                                             headers=GET_CHECKSUM)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - botocore and the socket layer raise many types
             raise StorageError(f"cannot read object {key}: {exc}") from exc
         if response.status != 200:
             raise StorageError(f"cannot read object {key}: HTTP {response.status} {_reason(response)}")
+        try:
+            if not verify_get(response):
+                log.debug("object %s has no stored checksum (written before checksums were sent)", key)
+        except ChecksumMismatch as exc:
+            raise StorageError(f"object {key} is corrupt: {exc}") from None
         return response.data
 
     def exists(self, key: str) -> bool:
@@ -254,7 +278,11 @@ def get_storage(settings: Settings | None = None) -> Storage:
     key = (settings.s3_bucket, settings.s3_endpoint_url, str(settings.images_dir))
     if key not in _STORAGES:
         if settings.s3_bucket:
-            _STORAGES[key] = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
+            storage = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
+            if settings.production and not storage.signed:
+                raise ConfigError("refusing unsigned object storage in production: no S3 credentials found "
+                                  "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an instance role)")
+            _STORAGES[key] = storage
         else:
             _STORAGES[key] = LocalStorage(settings.images_dir)
     return _STORAGES[key]

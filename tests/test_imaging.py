@@ -318,6 +318,25 @@ def test_progressive_jpeg_loses_segments_between_scans_and_keeps_pixels() -> Non
     assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
 
 
+def test_unused_quantisation_and_huffman_tables_are_dropped() -> None:
+    """A DQT table id 3 and a DHT AC table id 3 that no component or scan uses, each holding text, are not stored;
+    the tables in use are kept byte for byte and the pixels stay exact."""
+    data = encode(lesion((64, 48)), "JPEG", quality=90)
+    note = ARTIST.encode().ljust(64, b"#")
+    dqt = b"\x03" + note  # 8-bit table, id 3: 64 values of text
+    dht = b"\x13" + bytes([0] * 15 + [len(note)]) + note  # AC table id 3: 64 codes of 16 bits, values = text
+    frame = data.index(b"\xff\xc0")
+    data = (data[:frame] + b"\xff\xdb" + struct.pack(">H", len(dqt) + 2) + dqt
+            + b"\xff\xc4" + struct.pack(">H", len(dht) + 2) + dht + data[frame:])
+    with Image.open(io.BytesIO(data)) as img:
+        assert 3 in img.quantization and img.quantization[0] is not None
+    stripped, fmt = strip_metadata(data)
+    assert fmt == "JPEG" and note not in stripped and ARTIST.encode() not in stripped
+    with Image.open(io.BytesIO(stripped)) as img, Image.open(io.BytesIO(data)) as original:
+        assert sorted(img.quantization) == [0, 1] and img.quantization[0] == original.quantization[0]
+    assert np.array_equal(np.asarray(decode_rgb(stripped)), np.asarray(decode_rgb(data)))
+
+
 # --- decode memory is bounded (issue 12, point 7) ---------------------------------------------------------------
 
 def decode_peak_mb(data: bytes, tmp_path: Path) -> tuple[float, str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from skinscan.logs import cap_library_loggers
 from skinscan.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     """Application factory: configure from settings, register blueprints, error handlers and headers."""
     settings = settings or load_settings()
     settings.check_production()
+    cap_library_loggers()
     from web.limits import CountingRequest, max_form_parts
 
     app = Flask(__name__)
@@ -32,6 +34,13 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     )
     if test_config:
         app.config.update(test_config)
+    if settings.trusted_proxies:
+        # Behind N load balancers the client address is the Nth-from-last X-Forwarded-For entry (Werkzeug's
+        # ProxyFix); with 0 the headers are ignored, so a client cannot choose the address it is throttled by.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,  # type: ignore[method-assign]
+                                x_proto=settings.trusted_proxies)
     app.extensions["skinscan.settings"] = settings
 
     from web import api, errors, health, ratelimit

@@ -6,6 +6,7 @@ from celery import Celery
 from celery.schedules import crontab
 from kombu import Queue
 
+from skinscan.logs import cap_library_loggers
 from skinscan.settings import Settings, load_settings
 from worker.leases import LeaseRenewal
 
@@ -16,6 +17,7 @@ RESCORE_QUEUE = "rescore"
 def create_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app: late acks, redelivery on worker loss, clinic queue served before re-scoring."""
     settings = settings or load_settings()
+    cap_library_loggers()  # worker and beat: no signed URLs or key ids in a DEBUG log
     app = Celery("skinscan", broker=settings.broker_url, include=["worker.tasks"])
     visibility = settings.visibility_timeout
     sweep = float(settings.sweep_interval_seconds)

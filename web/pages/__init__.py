@@ -13,7 +13,7 @@ csrf = CSRFProtect()
 def init_app(app: Flask) -> None:
     """Register the page blueprints, template helpers and CSRF protection (not on the bearer-key API)."""
     from web import api
-    from web.pages import auth, display, images, jobs, model
+    from web.pages import auth, display, images, jobs, keys, model
 
     if app.config["PERMANENT_SESSION_LIFETIME"] == timedelta(days=31):  # Flask's default: a working day instead
         app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(hours=12)
@@ -22,6 +22,6 @@ def init_app(app: Flask) -> None:
     for blueprint in list(app.blueprints.values()):  # every bearer-key API blueprint, not only the first
         if (blueprint.url_prefix or "").startswith("/api/"):
             csrf.exempt(blueprint)
-    for module in (auth, jobs, images, model):
+    for module in (auth, jobs, images, model, keys):
         app.register_blueprint(module.bp)
     display.register(app)

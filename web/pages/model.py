@@ -38,7 +38,26 @@ def render_markdown(text: str) -> Markup:
                              extension_configs={"toc": {"baselevel": 3}})  # '#' sits below the page's h2
     # Column alignment comes out as inline styles, which the Content Security Policy (rightly) blocks: use classes.
     html = ALIGN_STYLE.sub(lambda m: f'class="align-{m.group(1)}"', html)
-    return Markup(html)
+    return Markup(sanitize_card(html))
+
+
+# What a model card's Markdown may become: text structure, tables, links and images; no forms, frames, scripts,
+# styles or event attributes. The card travels inside a bundle anyone registering a model wrote.
+CARD_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6", "p", "br", "hr", "blockquote", "pre", "code", "em", "strong", "b",
+             "i", "del", "sup", "sub", "ul", "ol", "li", "dl", "dt", "dd", "table", "caption", "thead", "tbody",
+             "tr", "th", "td", "a", "img", "abbr", "span", "div"}
+CARD_ATTRIBUTES = {"*": {"id", "title"}, "a": {"href"}, "img": {"src", "alt", "width", "height"},
+                   "th": {"class", "colspan", "rowspan", "scope"}, "td": {"class", "colspan", "rowspan"},
+                   "ol": {"start"}}
+
+
+def sanitize_card(html: str) -> str:
+    """Keep only the model card's allowed tags and attributes (nh3, the Ammonia sanitiser); links get
+    rel="noopener noreferrer" and only http(s), mailto or relative addresses."""
+    import nh3
+
+    return nh3.clean(html, tags=CARD_TAGS, attributes=CARD_ATTRIBUTES, url_schemes={"http", "https", "mailto"},
+                     link_rel="noopener noreferrer")
 
 
 def bundle_folder(row: ModelVersion) -> Path | None:
