@@ -219,6 +219,15 @@ def cmd_sweep_orphans(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_storage(args: argparse.Namespace) -> int:
+    """Compare the bucket with the database (after a restore); delete what no row claims with --delete."""
+    from skinscan.storage_check import check_storage, report
+
+    result = check_storage(load_settings(), delete=args.delete)
+    print(report(result))  # noqa: T201 - the command's output
+    return 0 if result.consistent else 1
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Upgrade (or downgrade) the database schema."""
     from skinscan.migrate import downgrade, upgrade
@@ -495,6 +504,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                    help="also list the whole bucket for images stored before uploads recorded their intent "
                         "(once, after upgrading) and delete those no image row claims")
     p.set_defaults(func=cmd_sweep_orphans)
+
+    p = sub.add_parser("check-storage", help="after a restore: compare the bucket with the database (objects no "
+                                             "row claims, rows whose object is gone); exit 1 unless they agree",
+                       description="Lists the whole bucket. Run it on a restored deployment before starting web, "
+                                   "worker and beat (README: Backup and restore).")
+    p.add_argument("--delete", action="store_true",
+                   help="delete the objects no row claims (stored after the database dump was taken)")
+    p.set_defaults(func=cmd_check_storage)
 
     p = sub.add_parser("migrate", help="upgrade the database schema")
     p.add_argument("--revision", default="head", help="schema revision to upgrade to (default: %(default)s)")
