@@ -244,3 +244,67 @@ def test_job_under_review_at_the_cutoff(stack: Any, api: Api, monkeypatch: pytes
     answer = api.client.post(f"/api/v1/images/{image_id}/review", json={"decision": "reviewed"},
                              headers=api.headers())
     assert answer.status_code == 404
+
+
+def test_review_form_sent_while_retention_deletes_the_job(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three connections on PostgreSQL, in a fixed order: a blocker share-locks the job's second image; the
+    retention run deletes the first image (uncommitted) and waits on the second; a clinician's review form for
+    the first image then waits on the run; the blocker lets go. The run deletes the job and the review is refused
+    with a message on the Jobs page (a redirect, not a 500), writing nothing."""
+    import psycopg
+    from psycopg.errors import LockNotAvailable
+
+    from skinscan.retention import delete_expired
+    from web import create_app
+
+    settings = stack.settings()
+    clinic_id, email = make_user(settings)
+    staff = Staff(create_app(settings), email)
+    made = staff.upload([("a.jpg", noise_jpeg(21)), ("b.jpg", noise_jpeg(22))])
+    job_id = made.get_json()["job_id"]
+    now = datetime.now(UTC)
+    backdate(settings, job_id, now - timedelta(days=8))
+    set_retention(stack, monkeypatch, clinic_id, 7)
+    with session_scope(settings) as session:
+        first, second = session.scalars(select(ImageRecord.id).where(ImageRecord.job_id == job_id)
+                                        .order_by(ImageRecord.position)).all()
+    page = staff.get(f"/images/{first}").text  # the clinician opened the image before the cut-off
+    assert 'name="decision"' in page
+    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def first_row_locked() -> bool:
+        with psycopg.connect(url) as probe:
+            try:
+                probe.execute("SELECT 1 FROM images WHERE id = %s FOR KEY SHARE NOWAIT", (first,))
+                return False
+            except LockNotAvailable:
+                return True
+
+    def wait_until(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    out: dict[str, Any] = {}
+    with psycopg.connect(url) as blocker:
+        blocker.execute("SELECT 1 FROM images WHERE id = %s FOR KEY SHARE", (second,))
+        run = threading.Thread(target=lambda: out.update(run=delete_expired(settings, now=now)))
+        run.start()
+        wait_until(first_row_locked, "the run never deleted the first image")
+        wait_until(lambda: _lock_waiters(settings) == 1, "the run is not waiting on the blocker")
+        review = threading.Thread(target=lambda: out.update(answer=staff.client.post(
+            f"/images/{first}/review", data={"csrf_token": staff.token, "decision": "reviewed", "note": "late"})))
+        review.start()
+        wait_until(lambda: _lock_waiters(settings) == 2, "the review is not waiting on the run")
+        blocker.rollback()
+    run.join(60)
+    review.join(60)
+    assert [d.job_id for d in out["run"].deletions] == [job_id]
+    answer = out["answer"]
+    assert answer.status_code == 302 and answer.headers["Location"].endswith("/jobs"), answer.status_code
+    jobs_page = staff.get("/jobs").text
+    assert "The review was not saved: this image was deleted with its job" in jobs_page
+    with session_scope(settings) as session:
+        assert session.scalar(select(Review.id).where(Review.job_id == job_id)) is None
+        assert session.scalar(select(AuditEvent.id).where(AuditEvent.action == "image.review")) is None
