@@ -148,9 +148,12 @@ def test_jobs_page_says_when_each_job_is_removed(stack: Any, monkeypatch: pytest
     # Uploaded 2026-11-20 05:00, kept 10 days: due 2026-11-30 05:00, the first run after it 2026-12-01 03:30.
     assert "Your clinic keeps jobs 10 days" in page
     assert '<time datetime="2026-12-01T03:30:00+00:00">2026-12-01 03:30 UTC</time>' in page
+    assert "Removed by your clinic's retention <time datetime=\"2026-12-01T03:30:00+00:00\">" in staff.get(
+        f"/jobs/{job_id}").text
 
     set_retention(stack, monkeypatch, clinic_id, None)
     assert 'data-role="removal">kept<' in staff.get("/jobs").text
+    assert "Removed by" not in staff.get(f"/jobs/{job_id}").text
 
 
 def test_removal_time_is_the_first_nightly_run_after_the_retention_ends(stack: Any) -> None:

@@ -174,6 +174,7 @@ def show(job_id: str):  # type: ignore[no-untyped-def]
         next_review_id=next_flagged_unreviewed(session, job, version),
         metrics=metrics if labelled else None, confusion=_confusion(metrics) if labelled else None,
         capture=_referral_capture(session, job, version) if job.labels_format else [],
+        removal=removal_time(job.created_at, g.clinic.retention_days, settings()),
     )
 
 
