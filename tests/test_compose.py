@@ -246,3 +246,21 @@ def test_interpolation_follows_the_compose_rules() -> None:
     assert interpolate_text("${E?m}", env) == ""
     with pytest.raises(MissingVariable):
         interpolate_text("${B?m}", env)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_only_known_keys_and_declared_volumes(form: str) -> None:
+    """Each service uses keys of the compose specification only, and every named volume is declared."""
+    model = config(*FORMS[form])
+    assert set(model) - {"services", "volumes"} == {"x-skinscan-env"}
+    known = {"image", "build", "command", "entrypoint", "environment", "volumes", "ports", "depends_on",
+             "healthcheck", "deploy"}
+    for name, service in model["services"].items():
+        assert set(service) <= known, (name, set(service) - known)
+        assert ("image" in service) != ("build" in service), name
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            assert source in model["volumes"], (name, mount)
+        for key in ("interval",):
+            if key in service.get("healthcheck", {}):
+                assert re.fullmatch(r"\d+[smh]", service["healthcheck"][key]), (name, service["healthcheck"])
