@@ -1,5 +1,7 @@
-# One image for web, worker and beat. CPU by default; the worker service in docker-compose.yml reserves a GPU
-# and the same image uses it (torch 2.14.1 wheels from PyPI carry CUDA).
+# One image for web, worker and beat. CPU by default; docker-compose.gpu.yml gives the worker a GPU and the same
+# image uses it (torch 2.14.1 wheels from PyPI carry CUDA). A slim CPU target and a GPU target would save most
+# of the image only once torch stops being a dependency of serving (web and ONNX workers import it today), so
+# this stays one image until then.
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app

@@ -35,6 +35,10 @@ class ReviewError(ValueError):
     """A review that cannot be recorded, with a message for the person who sent it."""
 
 
+class ReviewedImageGone(ReviewError):
+    """The image was deleted (its job deleted by hand or by the clinic's retention) before the review was saved."""
+
+
 @dataclass(frozen=True)
 class Neighbours:
     """The images before and after one image in its job's risk order (None at either end)."""
@@ -79,6 +83,12 @@ def record_review(
     `actor` names them in the audit trail (default: the reviewer).
     """
     decision, diagnosis, note = clean_review(decision, diagnosis, note)
+    # The image row is share-locked (a deletion then waits for this transaction) and read again: a job deleted
+    # since the page was loaded (by hand, or by retention at its cut-off) refuses the review instead of a 500.
+    if session.scalar(select(ImageRecord.id).where(ImageRecord.id == image.id)
+                      .with_for_update(key_share=True)) is None:
+        raise ReviewedImageGone("this image was deleted with its job (by hand, or by the clinic's retention) "
+                                "before the review was saved; nothing was recorded")
     prediction = None
     if version is not None:
         prediction = session.scalars(select(Prediction).where(Prediction.image_id == image.id,

@@ -103,6 +103,9 @@ class Settings:
     rescore_enabled: bool = True
     rescore_hour: Annotated[int, Field(ge=0, le=23)] = 2
     rescore_minute: Annotated[int, Field(ge=0, le=59)] = 0
+    retention_hour: Annotated[int, Field(ge=0, le=23)] = 3  # UTC: the nightly deletion of jobs past retention
+    retention_minute: Annotated[int, Field(ge=0, le=59)] = 30
+    retention_batch: Positive = 50  # jobs deleted per retention task; a larger backlog goes on in a next task
     requeue_after_seconds: Positive = 600
     task_max_retries: Count = 5
     sweep_interval_seconds: Positive = 60

@@ -45,6 +45,8 @@ class Clinic(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Days a job is kept after its upload; the nightly retention run deletes older ones (None: keep them).
+    retention_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

@@ -90,8 +90,15 @@ def test_first_run_clinics_and_users(env: dict[str, str], tmp_path: Path) -> Non
     listing = run(env, "clinics", "list")
     assert listing.returncode == 0 and listing.stderr == ""  # a routine command: no schema logs
     table = [line.split() for line in listing.stdout.strip().splitlines()]
-    assert table[0] == ["Clinic", "Keys", "Users", "Jobs", "Created"]
-    assert table[1][:5] == ["My", "Clinic", "2", "0", "0"] and table[2][:5] == ["Second", "Clinic", "1", "0", "0"]
+    assert table[0] == ["Clinic", "Keys", "Users", "Jobs", "Retention", "Created"]
+    assert table[1][:6] == ["My", "Clinic", "2", "0", "0", "keep"]
+    assert table[2][:6] == ["Second", "Clinic", "1", "0", "0", "keep"]
+    refused = run(env, "clinics", "retention", "My Clinic", "--days", "0")
+    assert refused.returncode == 1 and "between 1 and 36500 days" in refused.stderr
+    assert "no clinic named 'Nobody'" in run(env, "clinics", "retention", "Nobody", "--days", "5").stderr
+    assert "kept 30 days after upload" in ok(env, "clinics", "retention", "My Clinic", "--days", "30")
+    assert ok(env, "clinics", "list").strip().splitlines()[1].split()[5:7] == ["30", "d"]
+    assert ok(env, "apply-retention").strip() == "0"  # nothing is 30 days old yet
 
     assert "No web users yet" in ok(env, "users", "list")
     ok(env, "users", "create", "My Clinic", "Ana@Clinic.example", "--password-stdin", stdin="first password\n")

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from skinscan.reviews import (
     DECISIONS,
+    ReviewedImageGone,
     ReviewError,
     current_reviews,
     next_flagged_unreviewed,
@@ -65,6 +66,9 @@ def create(image_id: str):  # type: ignore[no-untyped-def]
         review = record_review(session, image, decision=fields["decision"], diagnosis=fields["diagnosis"],
                                note=fields["note"], reviewer=g.actor, user_id=None, version=version)
         session.commit()
+    except ReviewedImageGone as exc:
+        session.rollback()
+        raise ApiError(str(exc), 404) from None
     except ReviewError as exc:
         session.rollback()
         raise ApiError(str(exc), 400, [{"decisions": list(DECISIONS)}]) from None

@@ -25,6 +25,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
         "requeue-stalled-jobs": {"task": "worker.tasks.requeue_stalled", "schedule": sweep},
         "fail-stale-uploads": {"task": "worker.tasks.fail_stale_uploads", "schedule": sweep},
         "sweep-orphaned-objects": {"task": "worker.tasks.sweep_orphans", "schedule": sweep},
+        # Jobs past their clinic's retention (none while every clinic keeps its jobs, the default).
+        "nightly-retention": {"task": "worker.tasks.apply_retention",
+                              "schedule": crontab(hour=settings.retention_hour, minute=settings.retention_minute)},
     }
     if settings.rescore_enabled:
         schedule["nightly-rescore"] = {
@@ -39,7 +42,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_ignore_result=True,
         task_default_queue=SCORE_QUEUE,
         task_queues=(Queue(SCORE_QUEUE), Queue(RESCORE_QUEUE)),
-        task_routes={"worker.tasks.rescore_chunk": {"queue": RESCORE_QUEUE}},
+        task_routes={"worker.tasks.rescore_chunk": {"queue": RESCORE_QUEUE},
+                     "worker.tasks.apply_retention": {"queue": RESCORE_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,

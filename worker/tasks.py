@@ -97,3 +97,19 @@ def rescore_chunk(run_id: int, image_ids: list[str]) -> int:
     from worker.rescore import rescore_chunk as run_chunk
 
     return run_chunk(run_id, image_ids)
+
+
+@celery_app.task(name="worker.tasks.apply_retention", queue="rescore", **_RETRY)
+def apply_retention(cutoff_at: str | None = None) -> int:
+    """Delete jobs past their clinic's retention, a batch per task; a full batch sends the next task of the run
+    (same cut-off time, so the run ends), behind clinic uploads on the low-priority queue."""
+    from datetime import datetime
+
+    from skinscan.retention import delete_expired
+    from skinscan.tables import utcnow
+
+    now = datetime.fromisoformat(cutoff_at) if cutoff_at else utcnow()
+    run = delete_expired(load_settings(), now=now)
+    if run.more:
+        apply_retention.apply_async(kwargs={"cutoff_at": now.isoformat()})
+    return run.deleted

@@ -233,6 +233,15 @@ def cmd_sweep_orphans(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_storage(args: argparse.Namespace) -> int:
+    """Compare the bucket with the database (after a restore); delete what no row claims with --delete."""
+    from skinscan.storage_check import check_storage, report
+
+    result = check_storage(load_settings(), delete=args.delete)
+    print(report(result))  # noqa: T201 - the command's output
+    return 0 if result.consistent else 1
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Upgrade (or downgrade) the database schema."""
     from skinscan.migrate import downgrade, upgrade
@@ -314,10 +323,58 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
             print('No clinics yet: create one with `skinscan clinics create "My Clinic"`.')  # noqa: T201
             return 0
         width = max(len("Clinic"), *(len(c.name) for c in clinics))
-        print(f"{'Clinic':<{width}}  {'Keys':>4}  {'Users':>5}  {'Jobs':>5}  Created")  # noqa: T201
+        print(f"{'Clinic':<{width}}  {'Keys':>4}  {'Users':>5}  {'Jobs':>5}  {'Retention':>9}  Created")  # noqa: T201
         for c in clinics:
+            kept = f"{c.retention_days} d" if c.retention_days else "keep"
             print(f"{c.name:<{width}}  {keys.get(c.id, 0):>4}  {users.get(c.id, 0):>5}  "  # noqa: T201
-                  f"{jobs.get(c.id, 0):>5}  {_fmt_time(c.created_at)}")
+                  f"{jobs.get(c.id, 0):>5}  {kept:>9}  {_fmt_time(c.created_at)}")
+    return 0
+
+
+def cmd_clinics_retention(args: argparse.Namespace) -> int:
+    """Set how many days a clinic's jobs are kept after upload (or keep them); audited."""
+    from sqlalchemy import select
+
+    from skinscan import audit
+    from skinscan.db import session_scope
+    from skinscan.migrate import upgrade
+    from skinscan.retention import check_days
+    from skinscan.tables import Clinic
+
+    try:
+        days = check_days(None if args.keep else args.days)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    settings = load_settings()
+    upgrade(settings)
+    with session_scope(settings) as session:
+        clinic = session.scalars(select(Clinic).where(Clinic.name == args.name)).first()
+        if clinic is None:
+            raise SystemExit(f"no clinic named {args.name!r}; `skinscan clinics list` shows them")
+        before, clinic.retention_days = clinic.retention_days, days
+        audit.record(session, "clinic.retention", _actor(), clinic.id, "clinic", clinic.id,
+                     {"from_days": before, "to_days": days})
+    when = (f"{days} day{'s' if days != 1 else ''} after upload, then deleted with their images by the nightly run "
+            f"({settings.retention_hour:02d}:{settings.retention_minute:02d} UTC)") if days else "until deleted by hand"
+    print(f"Clinic {args.name!r}: jobs are kept {when}.")  # noqa: T201
+    return 0
+
+
+def cmd_apply_retention(args: argparse.Namespace) -> int:
+    """Delete every job past its clinic's retention now, a batch at a time (what the nightly run does)."""
+    from skinscan.retention import delete_expired
+    from skinscan.tables import utcnow
+
+    settings = load_settings()
+    now, deleted, left = utcnow(), 0, 0
+    while True:
+        run = delete_expired(settings, now=now, limit=args.batch)
+        deleted, left = deleted + run.deleted, left + run.objects_left
+        if not run.more:
+            break
+    log.info("retention: %d jobs deleted%s", deleted,
+             f"; {left} stored objects left for the orphan sweeper" if left else "")
+    print(deleted)  # noqa: T201 - the command's output: how many jobs were deleted
     return 0
 
 
@@ -530,6 +587,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                         "(once, after upgrading) and delete those no image row claims")
     p.set_defaults(func=cmd_sweep_orphans)
 
+    p = sub.add_parser("check-storage", help="after a restore: compare the bucket with the database (objects no "
+                                             "row claims, rows whose object is gone); exit 1 unless they agree",
+                       description="Lists the whole bucket. Run it on a restored deployment before starting web, "
+                                   "worker and beat (README: Backup and restore).")
+    p.add_argument("--delete", action="store_true",
+                   help="delete the objects no row claims (stored after the database dump was taken)")
+    p.set_defaults(func=cmd_check_storage)
+
     p = sub.add_parser("migrate", help="upgrade the database schema")
     p.add_argument("--revision", default="head", help="schema revision to upgrade to (default: %(default)s)")
     p.add_argument("--downgrade", default=None, metavar="REVISION", help="downgrade to this revision instead")
@@ -557,6 +622,20 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     c.add_argument("prefix", nargs="?", default=None,
                    help="the key to replace (default: every active key of the clinic)")
     c.set_defaults(func=cmd_clinics_rotate_key)
+    c = csub.add_parser("retention", help="how long a clinic's jobs are kept after upload (audited)",
+                        description="Jobs older than this are deleted with their images and results by the nightly "
+                                    "run (SKINSCAN_RETENTION_HOUR/MINUTE UTC), each audited as a manual delete.")
+    c.add_argument("name", help="the clinic's name")
+    kept = c.add_mutually_exclusive_group(required=True)
+    kept.add_argument("--days", type=int, help="keep each job this many days after its upload")
+    kept.add_argument("--keep", action="store_true", help="keep jobs until they are deleted by hand (the default)")
+    c.set_defaults(func=cmd_clinics_retention)
+
+    p = sub.add_parser("apply-retention", help="delete now every job past its clinic's retention (what the "
+                                               "nightly run does; prints how many)")
+    p.add_argument("--batch", type=int, default=None, metavar="JOBS",
+                   help="jobs per transaction batch (default: SKINSCAN_RETENTION_BATCH)")
+    p.set_defaults(func=cmd_apply_retention)
 
     p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)

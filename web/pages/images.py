@@ -15,6 +15,7 @@ from skinscan.imaging import ImageError, decode_rgb
 from skinscan.reviews import (
     DECISIONS,
     NOTE_MAX_CHARS,
+    ReviewedImageGone,
     ReviewError,
     next_flagged_unreviewed,
     record_review,
@@ -191,6 +192,10 @@ def review(image_id: str):  # type: ignore[no-untyped-def]
         record_review(session, image, decision=form["decision"], diagnosis=form["diagnosis"], note=form["note"],
                       reviewer=g.user.email, user_id=g.user.id, version=version, actor=g.actor)
         session.commit()
+    except ReviewedImageGone as exc:
+        session.rollback()
+        flash(f"The review was not saved: {exc}.", "error")
+        return redirect(url_for("jobs.index"))
     except ReviewError as exc:
         session.rollback()
         return _render_image(image, form, f"The review was not saved: {exc}.", 400)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.labels import CLASSES, MALIGNANT
+from skinscan.retention import removal_time
 from skinscan.reviews import next_flagged_unreviewed, unreviewed_flagged_count
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
@@ -55,9 +56,12 @@ def index():  # type: ignore[no-untyped-def]
                                 .order_by(Job.created_at.desc(), Job.id)
                                 .limit(JOBS_PER_PAGE).offset((page - 1) * JOBS_PER_PAGE)))
     counts = flag_counts_by_job(session, jobs)
+    retention = g.clinic.retention_days
+    removals = {j.id: removal_time(j.created_at, retention, settings()) for j in jobs}
     return render_template("jobs.html", jobs=jobs, page=page, pages=pages, total=total,
                            flagged={j: f for j, (f, _) in counts.items()},
-                           unreviewed={j: u for j, (_, u) in counts.items()})
+                           unreviewed={j: u for j, (_, u) in counts.items()},
+                           retention=retention, removals=removals)
 
 
 @bp.get("/jobs/new")
@@ -170,6 +174,7 @@ def show(job_id: str):  # type: ignore[no-untyped-def]
         next_review_id=next_flagged_unreviewed(session, job, version),
         metrics=metrics if labelled else None, confusion=_confusion(metrics) if labelled else None,
         capture=_referral_capture(session, job, version) if job.labels_format else [],
+        removal=removal_time(job.created_at, g.clinic.retention_days, settings()),
     )
 
 
