@@ -129,6 +129,31 @@ def test_first_run_clinics_and_users(env: dict[str, str], tmp_path: Path) -> Non
     assert on_argv.returncode == 1 and "--password-stdin" in on_argv.stderr
 
 
+def test_data_follows_the_user_not_the_working_directory(tmp_path: Path) -> None:
+    """Without SKINSCAN_DATA_DIR the data lives in the per-user folder (platformdirs): a clinic created from one
+    folder is listed from another and no ./skinscan-data appears; SKINSCAN_DATA_DIR still overrides it."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES and k != "SKINSCAN_DATA_DIR"}
+    env["XDG_DATA_HOME"] = str(tmp_path / "user-data")
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+
+    def cli(cwd: Path, *args: str, extra: dict[str, str] | None = None) -> str:
+        out = subprocess.run([sys.executable, "-m", "skinscan.cli", *args], env={**env, **(extra or {})}, cwd=cwd,
+                             text=True, capture_output=True, timeout=300, input="")
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cli(here, "clinics", "create", "Moving Clinic")
+    assert "Moving Clinic" in cli(there, "clinics", "list")
+    assert (tmp_path / "user-data" / "skinscan" / "skinscan.db").is_file()
+    assert not (here / "skinscan-data").exists() and not (there / "skinscan-data").exists()
+    override = {"SKINSCAN_DATA_DIR": str(tmp_path / "elsewhere")}
+    assert "No clinics yet" in cli(there, "clinics", "list", extra=override)
+    assert (tmp_path / "elsewhere" / "skinscan.db").is_file()
+
+
 def test_normalise_url_forms() -> None:
     """http:// is added when missing (and said), /api/v1 at the end is accepted, other schemes are refused."""
     assert normalise_url("http://127.0.0.1:8001") == ("http://127.0.0.1:8001", None)
