@@ -118,7 +118,11 @@ def _quiet_embedded_worker() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run web and worker in one process on the embedded defaults (SQLite, local folder, memory broker)."""
+    from skinscan.cli.console import log_to_file
+
     settings = load_settings()
+    verbose = bool(args.verbose or args.serve_verbose)
+    log_file = log_to_file(settings.data_dir, verbose)
     if settings.redis_url:
         log.warning("REDIS_URL is set: `skinscan serve` still runs its own in-process worker")
     _check_model(settings)
@@ -134,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{server.server_port}/"
     log.debug("SkinScan at %s (data in %s)", url, settings.data_dir)
     print(f"SkinScan running at {url} (data in {settings.data_dir}); Ctrl+C to stop.\n"  # noqa: T201
+          f"Requests and tasks are logged to {log_file}" + ("" if verbose else " (--verbose: here too)") + ".\n"
           f"{_sign_in_help(settings, url)}", flush=True)
     requeue_unfinished(settings)
     _quiet_embedded_worker()
@@ -419,6 +424,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                                    "in SKINSCAN_DATA_DIR (SQLite, local image folder). Prints how to sign in.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine)")
     p.add_argument("--port", type=int, default=port, help="port to listen on (default: $PORT or 8000)")
+    p.add_argument("--verbose", dest="serve_verbose", action="store_true",
+                   help="show every request and task log on the console too (always in skinscan.log in the data "
+                        "folder)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="production web server (gunicorn)")
