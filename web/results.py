@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.csvsafe import csv_row
+from skinscan.job_counts import job_counts
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
 from skinscan.reviews import current_reviews
@@ -141,15 +142,14 @@ def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
 
     body: dict[str, Any] = {
         "id": job.id, "name": job.name, "status": job.status, "kind": job.kind,
-        # one count everywhere: total = images accepted; files refused at upload are counted apart
-        "counts": {"total": job.total - job.refused, "scored": job.scored, "failed": job.failed - job.refused,
-                   "refused": job.refused},
+        # one definition everywhere (skinscan.job_counts): total = images accepted, failed = not scored
+        "counts": job_counts(job).as_api(),
         "progress": job.progress, "model_version": job.model_version,
         "created_at": ts(job.created_at), "started_at": ts(job.started_at), "finished_at": ts(job.finished_at),
         "has_labels": job.labels_format is not None, "error": job.error,
     }
-    if job.status == "cancelled":  # images the cancellation left unscored
-        body["counts"]["cancelled"] = job.total - job.scored - job.failed
+    if job.status == "cancelled":  # images the cancellation left unscored (0 included)
+        body["counts"].setdefault("cancelled", 0)
     if status_url:
         body["status_url"] = status_url
     return body

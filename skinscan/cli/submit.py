@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from skinscan.job_counts import JobCounts
+
 if TYPE_CHECKING:  # requests and tqdm are imported when a submit runs, not for every `skinscan` command
     import requests
 
@@ -290,12 +292,10 @@ def _run_job(session: requests.Session, base: str, paths: list[Path], out: Path 
     job = _check(resp)
     summary.labels = job.get("labels")
     deadline = time.monotonic() + timeout
-    refused = len(summary.refused)
-    with tqdm(total=max(0, job["counts"]["total"] - refused), desc="scoring", unit="img",
-              disable=not progress) as bar:
+    with tqdm(total=job["counts"]["total"], desc="scoring", unit="img", disable=not progress) as bar:
         while True:
             job = _check(session.get(f"{api}/jobs/{summary.job_id}", timeout=30))
-            done = job["counts"]["scored"] + job["counts"]["failed"] - refused
+            done = JobCounts.from_api(job["counts"], job["status"]).finished
             bar.update(max(0, done - bar.n))
             if job["status"] in ("done", "failed"):
                 break
@@ -303,8 +303,8 @@ def _run_job(session: requests.Session, base: str, paths: list[Path], out: Path 
                 raise SubmitError(f"job {summary.job_id} not finished after {timeout:.0f} s; see {summary.job_url}")
             time.sleep(poll_seconds)
     summary.status, summary.error = job["status"], job.get("error")
-    summary.scored = job["counts"]["scored"]
-    summary.not_scored = max(0, job["counts"]["failed"] - refused)
+    figures = JobCounts.from_api(job["counts"], job["status"])  # the figures every view shows
+    summary.accepted, summary.scored, summary.not_scored = figures.images, figures.scored, figures.not_scored
     out = out or Path(f"skinscan-results-{summary.job_id}.csv")
     resp = session.get(f"{api}/jobs/{summary.job_id}/results", params={"format": "csv"}, timeout=600, stream=True)
     if resp.status_code >= 400:

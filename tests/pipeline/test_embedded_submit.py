@@ -1,0 +1,117 @@
+"""`skinscan submit` against a real embedded `skinscan serve`: one definition of a job's figures in every view,
+resumable submits and `skinscan results`, and what submit skips and accepts."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from embedded import Serve, cli, embedded_env
+
+pytestmark = [pytest.mark.slow]
+
+
+@dataclass
+class Embedded:
+    """A running embedded service with a clinic, its key and a web user."""
+
+    server: Serve
+    env: dict[str, str]
+    key: str
+    email: str = "ana@clinic.example"
+    password: str = "a good password"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def submit(self, *args: str, check: bool = True, cwd: Path | None = None) -> tuple[int, str, str]:
+        """Run `skinscan submit ARGS --url <server> --no-progress`; return (exit code, stdout, stderr)."""
+        extra = {"cwd": cwd} if cwd else {}
+        out = cli({**self.env, "SKINSCAN_API_KEY": self.key}, "submit", *args, "--url", self.url, "--no-progress",
+                  check=check, **extra)
+        return out.returncode, out.stdout, out.stderr
+
+    def api(self, path: str, **params: object) -> dict:  # type: ignore[type-arg]
+        resp = requests.get(f"{self.url}/api/v1{path}", headers={"Authorization": f"Bearer {self.key}"},
+                            params=params, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def web(self) -> requests.Session:
+        """A browser-like session signed in to the pages."""
+        session = requests.Session()
+        page = session.get(f"{self.url}/signin", timeout=30).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        resp = session.post(f"{self.url}/signin", data={"csrf_token": token, "email": self.email,
+                                                        "password": self.password, "next": ""}, timeout=30)
+        assert resp.status_code == 200 and "/signin" not in resp.url, resp.text[:500]
+        return session
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory, service_bundle: Path) -> Iterator[Embedded]:
+    """One `skinscan serve` for this module's tests, on its own data folder."""
+    root = tmp_path_factory.mktemp("embedded")
+    env = embedded_env(root / "data", service_bundle)
+    key = cli(env, "clinics", "create", "Submit Clinic").stdout.strip().splitlines()[-1].removeprefix("API key: ")
+    service = Embedded(Serve(env, root / "console.txt"), env, key)
+    cli(env, "users", "create", "Submit Clinic", service.email, "--password-stdin", stdin=service.password + "\n")
+    try:
+        yield service
+    finally:
+        service.server.stop()
+
+
+def _job_id(stdout: str) -> str:
+    return re.search(r"^Job ([0-9a-f]+)", stdout, re.M).group(1)  # type: ignore[union-attr]
+
+
+def _cell(html: str, attribute: str, value: str) -> str:
+    match = re.search(rf'{attribute}="{value}"[^>]*>\s*(?:<a [^>]*>)?([^<]*)<', html)
+    assert match, f"no {attribute}={value} in the page"
+    return match.group(1).strip()
+
+
+def test_one_messy_job_has_the_same_figures_in_every_view(embedded: Embedded, tmp_path: Path,
+                                                          isic_test_images) -> None:  # type: ignore[no-untyped-def]
+    """Four good images, a truncated JPEG (accepted, not scored) and a file that is no image (refused at upload):
+    the CLI summary, the API, the jobs list, the job page and its status poll all say 5 images, 4 scored,
+    1 not scored, 1 refused."""
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    files, _ = isic_test_images(5)
+    for name, body in files[:4]:
+        (folder / name).write_bytes(body)
+    (folder / "truncated.jpg").write_bytes(files[4][1][:2500])
+    (folder / "notes.jpg").write_bytes(b"meeting notes, not a picture")
+    code, out, err = embedded.submit(str(folder), "--out", str(tmp_path / "results.csv"))
+    assert code == 0, err
+    job_id = _job_id(out)
+    summary = out.splitlines()
+    assert summary[1].split() == ["images", "accepted:", "5", "scored:", "4", "not", "scored:", "1", "flagged", "for",
+                                  "review:", summary[1].split()[-1]]
+    assert summary[2].strip() == "files refused at upload: 1" and summary[3].strip().startswith("notes.jpg: ")
+
+    counts = embedded.api(f"/jobs/{job_id}")["counts"]
+    assert counts == {"total": 5, "scored": 4, "failed": 1, "refused": 1}
+
+    web = embedded.web()
+    listing = web.get(f"{embedded.url}/jobs", timeout=30).text
+    row = listing[listing.index(job_id[:8]):]
+    assert [_cell(row, "data-role", r) for r in ("total", "scored", "failed")] == ["5", "4", "1"]
+    page = web.get(f"{embedded.url}/jobs/{job_id}", timeout=30).text
+    assert [_cell(page, "data-count", c) for c in ("images", "scored", "not-scored", "refused")] == \
+        ["5", "4", "1", "1"]
+    progress = " ".join(_cell(page, "data-role", "text").split())
+    assert progress.startswith("5 of 5 images finished (100%): 4 scored, 1 could not be scored; 1 file refused")
+    tiles = web.get(f"{embedded.url}/jobs/{job_id}/status", timeout=30).json()
+    assert (tiles["counts"], tiles["tiles"]["total"], tiles["tiles"]["scored"], tiles["tiles"]["failed"]) == \
+        (counts, 5, 4, 1)
+    rows = {r["filename"]: r["status"] for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert rows["truncated.jpg"] == "failed" and rows["notes.jpg"] == "failed" and len(rows) == 6
