@@ -146,7 +146,7 @@ def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
         "counts": job_counts(job).as_api(),
         "progress": job.progress, "model_version": job.model_version,
         "created_at": ts(job.created_at), "started_at": ts(job.started_at), "finished_at": ts(job.finished_at),
-        "has_labels": job.labels_format is not None, "error": job.error,
+        "has_labels": job.labels_format is not None, "error": job.error, "parts": job.parts,
     }
     if job.status == "cancelled":  # images the cancellation left unscored (0 included)
         body["counts"].setdefault("cancelled", 0)

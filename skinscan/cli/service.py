@@ -499,5 +499,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                                    "SKINSCAN_API_KEY (so it stays out of the shell history).")
     submit_arguments(p)
 
+    from skinscan.cli.submit import add_results_arguments
+
+    p = sub.add_parser("results", help="save any job's results CSV from a SkinScan server",
+                       description="Write the results CSV of a job (the scored images so far, if it is still "
+                                   "running). The API key is read from SKINSCAN_API_KEY.")
+    add_results_arguments(p)
+
 
 __all__ = ["add_service_commands", "load_settings"]

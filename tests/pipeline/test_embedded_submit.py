@@ -115,3 +115,88 @@ def test_one_messy_job_has_the_same_figures_in_every_view(embedded: Embedded, tm
         (counts, 5, 4, 1)
     rows = {r["filename"]: r["status"] for r in csv.DictReader((tmp_path / "results.csv").open())}
     assert rows["truncated.jpg"] == "failed" and rows["notes.jpg"] == "failed" and len(rows) == 6
+
+
+def _post_part(embedded: Embedded, path: str, files: list[Path], **form: str) -> requests.Response:
+    return requests.post(f"{embedded.url}/api/v1{path}", headers={"Authorization": f"Bearer {embedded.key}"},
+                         files=[("files", (p.name, p.read_bytes())) for p in files], data=form, timeout=60)
+
+
+def test_the_same_submit_resumes_its_job_and_results_fetches_any_job(embedded: Embedded, tmp_path: Path,
+                                                                     isic_test_images) -> None:  # type: ignore[no-untyped-def]
+    """A run interrupted after its first part (what it sent, with the batch key the CLI derives from the files):
+    the same command resumes that job, sends only the missing parts and writes the CSV; a part sent twice is
+    stored once, one sent early is refused; re-running a finished batch fetches its results without uploading;
+    `skinscan results JOB --out FILE` writes any job's CSV; --new-job makes another job."""
+    from skinscan.cli.submit import _parts, batch_key, find_images
+
+    folder = tmp_path / "resume"
+    folder.mkdir()
+    for name, body in isic_test_images(6)[0]:
+        (folder / name).write_bytes(body)
+    parts = _parts(find_images(folder), 2, 100 * 1024 * 1024)
+    key = batch_key(parts, None)
+    assert len(parts) == 3 and key == batch_key(_parts(find_images(folder), 2, 100 * 1024 * 1024), None)
+    first = _post_part(embedded, "/jobs", parts[0], finalize="false", name="Resumed batch", batch_key=key)
+    assert first.status_code == 202
+    job_id = first.json()["id"]
+    again = _post_part(embedded, "/jobs", parts[0], finalize="false", batch_key=key)  # the server knows the batch
+    assert again.status_code == 200 and again.json()["id"] == job_id and again.json()["resumed"]
+    early = _post_part(embedded, f"/jobs/{job_id}/images", parts[2], part="2")
+    assert early.status_code == 409 and "send that one first" in early.json()["error"]
+    assert embedded.api(f"/jobs/{job_id}")["parts"] == 1
+    assert len(embedded.api(f"/jobs/{job_id}/results")["results"]) == 2
+
+    out = tmp_path / "results.csv"
+    code, stdout, stderr = embedded.submit(str(folder), "--part-files", "2", "--out", str(out))
+    assert code == 0, stderr
+    assert f"resuming job {job_id} (uploading; 1 of 3 upload parts received)" in stderr
+    assert stdout.splitlines()[0] == f"Job {job_id} (Resumed batch): done"
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["filename"] for r in rows) == sorted(p.name for part in parts for p in part)
+    assert all(r["status"] == "scored" for r in rows)
+    assert embedded.api("/jobs", batch_key=key)["total"] == 1
+
+    retried = _post_part(embedded, f"/jobs/{job_id}/images", parts[1], part="1")
+    assert retried.status_code == 409  # the job is no longer uploading; nothing is added
+    assert embedded.api(f"/jobs/{job_id}")["counts"] == {"total": 6, "scored": 6, "failed": 0, "refused": 0}
+
+    out.unlink()
+    code, stdout, stderr = embedded.submit(str(folder), "--part-files", "2", "--out", str(out))
+    assert code == 0 and f"resuming job {job_id} (done; 3 of 3 upload parts received)" in stderr
+    assert sorted(r["filename"] for r in csv.DictReader(out.open())) == sorted(r["filename"] for r in rows)
+    assert embedded.api(f"/jobs/{job_id}")["counts"]["total"] == 6
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    fetched = cli({**embedded.env, "SKINSCAN_API_KEY": embedded.key}, "results", job_id, "--url", embedded.url,
+                  "--out", "mine.csv", cwd=elsewhere)
+    assert fetched.stdout.splitlines()[0] == f"Job {job_id} (Resumed batch): done"
+    assert (elsewhere / "mine.csv").read_text() == out.read_text()
+    missing = cli({**embedded.env, "SKINSCAN_API_KEY": embedded.key}, "results", "0" * 32, "--url", embedded.url,
+                  check=False)
+    assert missing.returncode == 2 and "no job 0000" in missing.stderr
+
+    code, stdout, _ = embedded.submit(str(folder), "--part-files", "2", "--out", str(out), "--new-job")
+    assert code == 0 and _job_id(stdout) != job_id
+
+
+def test_a_part_sent_twice_is_stored_once(embedded: Embedded, tmp_path: Path,
+                                          isic_test_images) -> None:  # type: ignore[no-untyped-def]
+    """A client that retries a numbered part (its answer was lost) gets 200 duplicate_part and nothing is stored
+    twice; an unnumbered part is always added."""
+    files = []
+    for name, body in isic_test_images(3)[0]:
+        (tmp_path / name).write_bytes(body)
+        files.append(tmp_path / name)
+    job_id = _post_part(embedded, "/jobs", files[:1], finalize="false").json()["id"]
+    sent = _post_part(embedded, f"/jobs/{job_id}/images", files[1:2], part="1")
+    assert sent.status_code == 202 and sent.json()["accepted"] == 1 and sent.json()["parts"] == 2
+    twice = _post_part(embedded, f"/jobs/{job_id}/images", files[1:2], part="1")
+    assert twice.status_code == 200 and twice.json()["duplicate_part"] and twice.json()["accepted"] == 0
+    assert len(embedded.api(f"/jobs/{job_id}/results")["results"]) == 2
+    bad = _post_part(embedded, f"/jobs/{job_id}/images", files[2:], part="two")
+    assert bad.status_code == 400
+    assert _post_part(embedded, f"/jobs/{job_id}/images", files[2:]).status_code == 202
+    assert len(embedded.api(f"/jobs/{job_id}/results")["results"]) == 3
+    assert embedded.api(f"/jobs/{job_id}")["parts"] == 3
