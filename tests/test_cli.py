@@ -182,7 +182,7 @@ def test_submit_says_what_is_wrong_in_one_sentence(env: dict[str, str], tmp_path
         return out.returncode, out.stderr.strip()
 
     assert submit(str(tmp_path / "nope"), "--url", f"http://127.0.0.1:{port}") == (
-        2, f"skinscan submit: folder {tmp_path / 'nope'} does not exist")
+        2, f"skinscan submit: {tmp_path / 'nope'} does not exist (give image files, zips or folders of them)")
     assert submit(str(folder), "--url", f"http://127.0.0.1:{port}") == (
         3, f"skinscan submit: no SkinScan server at http://127.0.0.1:{port}: is `skinscan serve` running?")
     code, err = submit(str(folder), "--url", f"127.0.0.1:{port}/api/v1")

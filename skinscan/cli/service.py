@@ -493,8 +493,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
     from skinscan.cli.submit import add_arguments as submit_arguments
 
-    p = sub.add_parser("submit", help="upload a folder of images to a SkinScan server and save the results",
-                       description="Upload every image below FOLDER as one job, follow it while it is scored, "
+    p = sub.add_parser("submit", help="upload images (files, zips, folders) to a SkinScan server and save the "
+                                      "results",
+                       description="Upload the images of every PATH (files, zips, folders) as one job, follow it "
+                                   "while it is scored, "
                                    "write the results CSV and print a summary. The API key is read from "
                                    "SKINSCAN_API_KEY (so it stays out of the shell history).")
     submit_arguments(p)

@@ -102,9 +102,42 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in UPLOAD_SUFFIXES)
 
 
-def find_csvs(folder: Path) -> list[Path]:
-    """Return the CSV files below a folder (a metadata or ground-truth file is not uploaded unless --labels)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".csv")
+def skip_reason(path: Path, labels: Path | None) -> str | None:
+    """Why a file is not uploaded (None: it is uploaded): only images and zips of them are."""
+    suffix = path.suffix.lower()
+    if suffix in UPLOAD_SUFFIXES:
+        return None
+    if suffix == ".csv":
+        if labels is not None and path.resolve() == labels.resolve():
+            return ""  # the labels file: sent with the job, not as an image (nothing to say)
+        return "CSV files are not images" + ("" if labels else f"; to match its labels to the images, pass "
+                                                               f"--labels {path}")
+    if path.name.startswith("."):
+        return "a hidden file, not an image"
+    kind = f"a {suffix} file" if suffix else "a file without an extension"
+    return f"{kind} is not an image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) or a .zip of images"
+
+
+def collect(sources: list[Path], labels: Path | None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to upload from the given files, folders (searched recursively) and zips, in a stable order, and
+    every file skipped with its reason; a path that does not exist is an input error."""
+    chosen: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for source in sources:
+        if not source.exists():
+            raise SubmitError(f"{source} does not exist (give image files, zips or folders of them)", EXIT_INPUT)
+        found = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for path in found:
+            if path.resolve() in seen:
+                continue  # named twice (a file inside a folder also given): uploaded once
+            seen.add(path.resolve())
+            reason = skip_reason(path, labels)
+            if reason is None:
+                chosen.append(path)
+            elif reason:
+                skipped.append((path, reason))
+    return chosen, skipped
 
 
 def _file_sha256(path: Path) -> str:
@@ -229,38 +262,35 @@ def _say(text: str) -> None:
 
 
 def submit(
-    folder: Path, url: str, api_key: str, out: Path | None, labels: Path | None = None, part_files: int = 200,
-    part_bytes: int = 100 * 1024 * 1024, poll_seconds: float = 1.0, timeout: float = 24 * 3600,
+    sources: list[Path] | Path, url: str, api_key: str, out: Path | None, labels: Path | None = None,
+    part_files: int = 200, part_bytes: int = 100 * 1024 * 1024, poll_seconds: float = 1.0, timeout: float = 24 * 3600,
     name: str | None = None, progress: bool = True, new_job: bool = False,
 ) -> Summary:
-    """Upload every image below folder as one job, wait for it, write the results CSV; return the summary."""
+    """Upload the images of the given files, folders and zips as one job, wait for it, write the results CSV;
+    return the summary. Every file not uploaded is named with its reason."""
     import time
 
     import requests
     from tqdm import tqdm
 
-    if not folder.exists():
-        raise SubmitError(f"folder {folder} does not exist", EXIT_INPUT)
-    if not folder.is_dir():
-        raise SubmitError(f"{folder} is not a folder (give the folder that holds the images)", EXIT_INPUT)
+    sources = [sources] if isinstance(sources, Path) else sources
+    paths, skipped = collect(sources, labels)
     if not api_key:
         raise SubmitError("no API key: set SKINSCAN_API_KEY to the key `skinscan clinics create` printed",
                           EXIT_INPUT)
     base, note = normalise_url(url)
     if note:
         _say(note)
-    paths = find_images(folder)
+    for path, reason in skipped:
+        _say(f"not uploading {path}: {reason}")
     if not paths:
-        raise SubmitError(f"no images (.jpg, .png, .bmp, .tif or .zip) found below {folder}", EXIT_INPUT)
+        where = ", ".join(str(s) for s in sources)
+        raise SubmitError(f"no images (.jpg, .png, .bmp, .tif or .zip) in {where}", EXIT_INPUT)
     if labels is not None:
         _check_labels(labels)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {api_key}"
     check_server(session, base)
-    skipped = [p for p in find_csvs(folder) if labels is None or p.resolve() != labels.resolve()]
-    for csv_path in skipped:
-        _say(f"not uploading {csv_path}: CSV files are not images" +
-             ("" if labels else f"; to match its labels to the images, pass --labels {csv_path}"))
     summary = Summary(name=name)
     parts = _parts(paths, part_files, part_bytes)
     key = batch_key(parts, labels) if not new_job else None
@@ -429,7 +459,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `skinscan submit` options and handler to a parser."""
     parser.epilog = ("Exit codes: 0 the job was scored; 1 the job failed or the server refused it; 2 bad input "
                      "(folder, labels file, options); 3 no server at --url, or the API key was refused.")
-    parser.add_argument("folder", type=Path, help="folder with the images (searched recursively; zips too)")
+    parser.add_argument("sources", nargs="+", type=Path, metavar="PATH",
+                        help="image files, zips of images, or folders of them (searched recursively); every other "
+                             "file is named with the reason it is not uploaded")
     parser.add_argument("--url", default=os.environ.get("SKINSCAN_URL", DEFAULT_URL),
                         help="the server's address, e.g. http://127.0.0.1:8000 (default: $SKINSCAN_URL or "
                              f"{DEFAULT_URL}); http:// is added when missing and a trailing /api/v1 is accepted")
@@ -511,7 +543,7 @@ def _run_results(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("SKINSCAN_API_KEY", "")
     try:
-        summary = submit(args.folder, args.url, api_key, args.out, args.labels,
+        summary = submit(args.sources, args.url, api_key, args.out, args.labels,
                          part_files=max(1, args.part_files), name=args.name, progress=args.progress,
                          new_job=args.new_job)
     except SubmitError as exc:

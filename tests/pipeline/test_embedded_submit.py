@@ -200,3 +200,47 @@ def test_a_part_sent_twice_is_stored_once(embedded: Embedded, tmp_path: Path,
     assert _post_part(embedded, f"/jobs/{job_id}/images", files[2:]).status_code == 202
     assert len(embedded.api(f"/jobs/{job_id}/results")["results"]) == 3
     assert embedded.api(f"/jobs/{job_id}")["parts"] == 3
+
+
+def test_submit_takes_files_folders_and_zips_and_names_every_file_it_skips(
+        embedded: Embedded, tmp_path: Path, isic_test_images) -> None:  # type: ignore[no-untyped-def]
+    """`submit FOLDER IMAGE ZIP`: the folder's images, the single image and the zip's images make one job; every
+    other file (a text file, a hidden file, a file without an extension, a CSV) is named with its reason; a file
+    given twice is sent once; nothing but skipped files is an input error naming them."""
+    import zipfile
+
+    images = isic_test_images(5)[0]
+    folder = tmp_path / "batch"
+    (folder / "nested").mkdir(parents=True)
+    (folder / images[0][0]).write_bytes(images[0][1])
+    (folder / "nested" / images[1][0]).write_bytes(images[1][1])
+    for name, text in (("notes.txt", "not an image"), (".DS_Store", "finder"), ("README", "read me"),
+                       ("metadata.csv", "image_id,dx\n")):
+        (folder / name).write_text(text)
+    single = tmp_path / images[2][0]
+    single.write_bytes(images[2][1])
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, body in images[3:]:
+            zf.writestr(name, body)
+    out = tmp_path / "results.csv"
+    code, stdout, stderr = embedded.submit(str(folder), str(single), str(archive), str(folder / images[0][0]),
+                                           "--out", str(out))
+    assert code == 0, stderr
+    said = [line for line in stderr.splitlines() if line.startswith("not uploading ")]
+    assert said == [
+        f"not uploading {folder / '.DS_Store'}: a hidden file, not an image",
+        f"not uploading {folder / 'README'}: a file without an extension is not an image (.jpg, .jpeg, .png, .bmp, "
+        ".tif, .tiff) or a .zip of images",
+        f"not uploading {folder / 'metadata.csv'}: CSV files are not images; to match its labels to the images, pass "
+        f"--labels {folder / 'metadata.csv'}",
+        f"not uploading {folder / 'notes.txt'}: a .txt file is not an image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) or "
+        "a .zip of images"]
+    assert stdout.splitlines()[1].split()[:6] == ["images", "accepted:", "5", "scored:", "5", "not"]
+    assert sorted(r["filename"] for r in csv.DictReader(out.open())) == sorted(n for n, _ in images)
+
+    code, stdout, stderr = embedded.submit(str(folder / "notes.txt"), check=False)
+    assert code == 2 and stdout == "" and stderr.splitlines() == [
+        f"not uploading {folder / 'notes.txt'}: a .txt file is not an image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) "
+        "or a .zip of images",
+        f"skinscan submit: no images (.jpg, .png, .bmp, .tif or .zip) in {folder / 'notes.txt'}"]
