@@ -122,6 +122,11 @@ def test_first_run_clinics_and_users(env: dict[str, str], tmp_path: Path) -> Non
         actions = [r[0] for r in con.execute("select action from audit_events where target_id = "
                                              "'ana@clinic.example' order by id")]
     assert actions == ["user.create", "user.password_reset"]
+    piped = ok(env, "users", "create", "My Clinic", "cy@clinic.example", stdin="piped password\n")  # no option
+    assert "password:" not in piped  # read from the pipe, not generated
+    with sqlite3.connect(db) as con:
+        cy = con.execute("select password_hash from users where email = 'cy@clinic.example'").fetchone()[0]
+    assert check_password_hash(cy, "piped password")
     unknown = run(env, "users", "reset-password", "nobody@clinic.example", "--password-stdin", stdin="whatever1\n")
     assert unknown.returncode == 1 and unknown.stderr.strip() == \
         "no user 'nobody@clinic.example' (`skinscan users list` shows them)"

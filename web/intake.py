@@ -145,7 +145,7 @@ def parse_labels(data: bytes | None) -> GroundTruth | None:
         return parse_ground_truth(text)
     except LabelFileError as exc:  # one sentence naming the line
         raise UploadError(f"labels file: {exc}", 400,
-                          [{"line": exc.line, "error": str(exc)}] if exc.line else None) from None
+                          [{"line": exc.line, "error": exc.reason}] if exc.line else None) from None
 
 
 def store_image(storage: Storage, prefix: str, data: bytes) -> tuple[str, str, str, int]:

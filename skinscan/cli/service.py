@@ -310,7 +310,8 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
 
 
 def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
-    """Return (password, generated): from standard input, SKINSCAN_USER_PASSWORD, a prompt, or generated."""
+    """Return (password, generated): from standard input (--password-stdin, or a pipe: standard input is not a
+    terminal), SKINSCAN_USER_PASSWORD, a prompt on a terminal, or generated when nothing is given."""
     if getattr(args, "password", None) is not None:
         raise SystemExit("--password is no longer accepted: a password on the command line is visible to every "
                          "user of the machine (ps, /proc); pipe it in with --password-stdin, or leave both out "
@@ -322,8 +323,10 @@ def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
             raise SystemExit("--password-stdin: no password on standard input")
     else:
         password = os.environ.get("SKINSCAN_USER_PASSWORD") or ""
+        if not password and sys.stdin is not None and not sys.stdin.isatty():
+            password = sys.stdin.readline().rstrip("\r\n")  # `echo secret | skinscan users create ...`
     if not password:
-        if sys.stdin.isatty():
+        if sys.stdin is not None and sys.stdin.isatty():
             password = getpass.getpass("Password: ")
             if getpass.getpass("Password again: ") != password:
                 raise SystemExit("the two passwords differ; nothing was changed")
@@ -474,8 +477,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
     p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)
-    password_help = ("read the password from the first line of standard input (else SKINSCAN_USER_PASSWORD, "
-                     "a prompt on a terminal, or a generated one that is printed once)")
+    password_help = ("read the password from the first line of standard input (also done when standard input is a "
+                     "pipe; else SKINSCAN_USER_PASSWORD, a prompt on a terminal, or a generated one printed once)")
     u = usub.add_parser("create", help="add a user who signs in to the web pages for a clinic")
     u.add_argument("clinic", help="the clinic's name, as given to `skinscan clinics create`")
     u.add_argument("email", help="the user's email address: their sign-in name")

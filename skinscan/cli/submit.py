@@ -204,8 +204,26 @@ def _check(resp: requests.Response) -> dict[str, Any]:
         raise SubmitError(f"{resp.url} did not answer with JSON: is --url a SkinScan server?", EXIT_SERVER) from None
 
 
-def check_server(session: requests.Session, base: str) -> None:
-    """One cheap authenticated call: a clear sentence when nothing listens, it is no SkinScan, or the key is wrong."""
+def _server_above(session: requests.Session, base: str) -> str | None:
+    """The SkinScan server whose page --url names (http://host/jobs/abc -> http://host), if one answers there."""
+    import requests
+
+    scheme, rest = base.split("://", 1)
+    segments = rest.split("/")
+    for cut in range(len(segments) - 1, 0, -1):
+        candidate = f"{scheme}://{'/'.join(segments[:cut])}"
+        try:
+            resp = session.get(f"{candidate}{API_PREFIX}/jobs", params={"per_page": 1}, timeout=15)
+        except requests.RequestException:
+            return None
+        if resp.status_code in (200, 401) and "json" in resp.headers.get("Content-Type", ""):
+            return candidate
+    return None
+
+
+def check_server(session: requests.Session, base: str) -> str:
+    """One cheap authenticated call: a clear sentence when nothing listens, it is no SkinScan, or the key is wrong.
+    Returns the server's base URL (a page's address, such as http://host/jobs, is taken back to its server)."""
     import requests
 
     try:
@@ -222,11 +240,16 @@ def check_server(session: requests.Session, base: str) -> None:
                           "`skinscan clinics create` (a new one: `skinscan clinics create NAME --new-key`)",
                           EXIT_SERVER)
     if resp.status_code == 404:
+        server = _server_above(session, base)
+        if server is not None:
+            _say(f"--url {base} is a page of the SkinScan server at {server}: using {server}")
+            return check_server(session, server)
         raise SubmitError(f"{base} answered 404 for {API_PREFIX}/jobs: it is not a SkinScan server (check --url)",
                           EXIT_SERVER)
     body = _check(resp)
     if "jobs" not in body:
         raise SubmitError(f"{base} is not a SkinScan server (check --url)", EXIT_SERVER)
+    return base
 
 
 def _post_files(session: requests.Session, url: str, paths: list[Path], data: dict[str, str]) -> dict[str, Any]:
@@ -290,7 +313,7 @@ def submit(
         _check_labels(labels)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {api_key}"
-    check_server(session, base)
+    base = check_server(session, base)
     summary = Summary(name=name)
     parts = _parts(paths, part_files, part_bytes)
     key = batch_key(parts, labels) if not new_job else None
@@ -512,7 +535,7 @@ def fetch_results(job_id: str, url: str, api_key: str, out: Path | None) -> tupl
         _say(note)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {api_key}"
-    check_server(session, base)
+    base = check_server(session, base)
     api = f"{base}{API_PREFIX}"
     try:
         resp = session.get(f"{api}/jobs/{job_id}", timeout=30)

@@ -239,6 +239,13 @@ def test_submit_takes_files_folders_and_zips_and_names_every_file_it_skips(
     assert stdout.splitlines()[1].split()[:6] == ["images", "accepted:", "5", "scored:", "5", "not"]
     assert sorted(r["filename"] for r in csv.DictReader(out.open())) == sorted(n for n, _ in images)
 
+    page = f"{embedded.url}/jobs/{_job_id(stdout)}"  # a page's address given as --url: its server is used
+    out.unlink()
+    done = cli({**embedded.env, "SKINSCAN_API_KEY": embedded.key}, "submit", str(single), "--url", page,
+               "--no-progress", "--out", str(out))
+    assert f"--url {page} is a page of the SkinScan server at {embedded.url}: using {embedded.url}" in done.stderr
+    assert out.is_file()
+
     code, stdout, stderr = embedded.submit(str(folder / "notes.txt"), check=False)
     assert code == 2 and stdout == "" and stderr.splitlines() == [
         f"not uploading {folder / 'notes.txt'}: a .txt file is not an image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) "
