@@ -22,7 +22,7 @@ from web.risk_order import results_version, risk_ordered_images
 
 CSV_COLUMNS = ["image_id", "filename", "risk_rank", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
                "malignancy_score", "flagged", "flag_reason", "model_version", "true_label", "error",
-               "review_decision", "review_diagnosis", "reviewed_by", "reviewed_at"]
+               "review_decision", "review_diagnosis", "review_note", "reviewed_by", "reviewed_at"]
 
 
 def _iso(value: datetime) -> str:
@@ -72,6 +72,7 @@ def rows_for(session: Session, images: list[ImageRecord], job: Job, history: boo
         row.update({
             "review_decision": review.decision if review else None,
             "review_diagnosis": review.diagnosis if review else None,
+            "review_note": review.note if review else None,
             "reviewed_by": review.reviewer if review else None,
             "reviewed_at": _iso(review.created_at) if review else None,
         })
@@ -107,7 +108,8 @@ def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
                 "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
                 "" if r["flagged"] is None else int(r["flagged"]), r["flag_reason"], r["model_version"] or "",
                 r["true_label"] or "", r["error"] or "",
-                r["review_decision"] or "", r["review_diagnosis"] or "", r["reviewed_by"] or "", r["reviewed_at"] or "",
+                r["review_decision"] or "", r["review_diagnosis"] or "", r["review_note"] or "", r["reviewed_by"] or "",
+                r["reviewed_at"] or "",
             ]))
         yield buf.getvalue()
         buf.seek(0)
