@@ -251,3 +251,49 @@ def test_submit_takes_files_folders_and_zips_and_names_every_file_it_skips(
         f"not uploading {folder / 'notes.txt'}: a .txt file is not an image (.jpg, .jpeg, .png, .bmp, .tif, .tiff) "
         "or a .zip of images",
         f"skinscan submit: no images (.jpg, .png, .bmp, .tif or .zip) in {folder / 'notes.txt'}"]
+
+
+def test_ctrl_c_during_the_upload_then_the_same_command_resumes(embedded: Embedded, tmp_path: Path,
+                                                                isic_test_images) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C (SIGINT) while `submit` uploads part after part: the job stays open (not cancelled) and the command
+    says to run it again; the same command then sends only the parts the server lacks, and the job holds every
+    image exactly once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from realservices import ROOT
+
+    from skinscan.cli.submit import _parts, batch_key, find_images
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    files = isic_test_images(60)[0]
+    for name, body in files:
+        (folder / name).write_bytes(body)
+    key = batch_key(_parts(find_images(folder), 1, 100 * 1024 * 1024), None)
+    args = [sys.executable, "-m", "skinscan.cli", "submit", str(folder), "--url", embedded.url, "--no-progress",
+            "--part-files", "1", "--out", str(tmp_path / "results.csv")]
+    env = {**embedded.env, "SKINSCAN_API_KEY": embedded.key, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = embedded.api("/jobs", batch_key=key)["jobs"]
+        if jobs and jobs[0]["parts"] >= 2:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, stderr
+    job = embedded.api("/jobs", batch_key=key)["jobs"][0]
+    assert job["status"] == "uploading" and 2 <= job["parts"] < 60, job  # interrupted mid-upload, kept open
+    assert f"job {job['id']}: upload interrupted; run the same command again to resume it" in stderr
+
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    resumed = re.search(rf"resuming job {job['id']} \(uploading; (\d+) of 60 upload parts received\)", done.stderr)
+    assert resumed and int(resumed.group(1)) >= job["parts"], done.stderr  # (a part in flight may have landed)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert sorted(r["filename"] for r in rows) == sorted(n for n, _ in files)  # each image once
+    assert embedded.api("/jobs", batch_key=key)["total"] == 1
