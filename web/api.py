@@ -10,7 +10,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from skinscan import audit
-from skinscan.orphans import begin_upload, discard_upload
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics
 from web.api_schemas import (
@@ -137,15 +136,15 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     part = part_arg(request.form.get("part"))
     if part is not None and part != job.parts:
         return _part_received(job, part)
-    intent = begin_upload(settings(), job.clinic_id, job.id)  # committed first (SQLite: one writer at a time)
-    if claim_part(session, job.id, part) != "new":  # a concurrent request carried the same part
-        session.rollback()
-        discard_upload(session, storage(), [intent])
-        return _part_received(session.get(Job, job.id, populate_existing=True) or job, part)
     start = session.scalar(select(func.count()).where(ImageRecord.job_id == job.id)) or 0
     try:
         accepted, rejected = add_images(session, storage(), job, iter_files(_uploaded_files(), settings()),
-                                        settings(), start=start, intent=intent)
+                                        settings(), start=start)
+        # Counted last, just before the commit: the job's row is locked only for that moment, not while the
+        # part's images are stored (workers scoring earlier parts update the same row).
+        if claim_part(session, job.id, part) != "new":  # a concurrent request carried the same part
+            discard_stored(session, storage())
+            return _part_received(session.get(Job, job.id, populate_existing=True) or job, part)
         session.commit()
     except UploadError as exc:
         discard_stored(session, storage())
