@@ -151,11 +151,13 @@ def test_data_follows_the_user_not_the_working_directory(tmp_path: Path) -> None
 
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cli(here, "clinics", "create", "Moving Clinic")
+    created = cli(here, "clinics", "create", "Second Clinic")
+    assert f"(data in {tmp_path / 'user-data' / 'skinscan'})" in created
     assert "Moving Clinic" in cli(there, "clinics", "list")
     assert (tmp_path / "user-data" / "skinscan" / "skinscan.db").is_file()
     assert not (here / "skinscan-data").exists() and not (there / "skinscan-data").exists()
     override = {"SKINSCAN_DATA_DIR": str(tmp_path / "elsewhere")}
-    assert "No clinics yet" in cli(there, "clinics", "list", extra=override)
+    assert f"No clinics yet in {tmp_path / 'elsewhere'}:" in cli(there, "clinics", "list", extra=override)
     assert (tmp_path / "elsewhere" / "skinscan.db").is_file()
 
 

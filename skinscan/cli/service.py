@@ -268,10 +268,20 @@ def cmd_clinics_create(args: argparse.Namespace) -> int:
         audit.record(session, "clinic.key_created", _actor(), clinic.id, "clinic", clinic.id)
     log.debug("clinic %s: API key created", args.name)
     what = "created" if created else "has a new API key"
-    print(f"Clinic {args.name!r} {what}. The key is shown once: keep it somewhere safe; "  # noqa: T201
-          "`skinscan submit` reads it from SKINSCAN_API_KEY.")
+    print(f"Clinic {args.name!r} {what} (data in {_where(settings)}). The key is shown once: keep it "  # noqa: T201
+          "somewhere safe; `skinscan submit` reads it from SKINSCAN_API_KEY.")
     print(f"API key: {key}")  # noqa: T201 - the key is the command's output
     return 0
+
+
+def _where(settings: Settings) -> str:
+    """Where the data lives, as a person would look for it: the data folder, or the database's host."""
+    if settings.database_url.startswith("sqlite"):
+        return str(settings.data_dir)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    return f"database {url.database} on {url.host or 'localhost'}"
 
 
 def _fmt_time(value: object) -> str:
@@ -299,7 +309,8 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
         jobs = per_clinic(Job)
         clinics = list(session.scalars(select(Clinic).order_by(Clinic.name)))
         if not clinics:
-            print('No clinics yet: create one with `skinscan clinics create "My Clinic"`.')  # noqa: T201
+            print(f"No clinics yet in {_where(settings)}: create one with "  # noqa: T201
+                  '`skinscan clinics create "My Clinic"`.')
             return 0
         width = max(len("Clinic"), *(len(c.name) for c in clinics))
         print(f"{'Clinic':<{width}}  {'Keys':>4}  {'Users':>5}  {'Jobs':>5}  Created")  # noqa: T201
