@@ -34,14 +34,17 @@ def test_console_shows_what_a_person_needs_and_the_log_file_the_rest(tmp_path: P
     key = cli(env, "clinics", "create", "Console Clinic").stdout.strip().splitlines()[-1].removeprefix("API key: ")
     folder = tmp_path / "batch"
     folder.mkdir()
-    for name, body in isic_test_images(4)[0]:
+    images, truth = isic_test_images(4)
+    for name, body in images:
         (folder / name).write_bytes(body)
+    (tmp_path / "truth.csv").write_bytes(truth)  # labelled: the job's metrics (sklearn) warn on so few images
     (folder / "broken.jpg").write_bytes(b"not a picture")
 
     server = Serve(env, tmp_path / "console.txt")
     try:
         done = cli({**env, "SKINSCAN_API_KEY": key}, "submit", str(folder), "--url", server.url, "--no-progress",
-                   "--name", "Console batch", "--out", str(tmp_path / "results.csv"))
+                   "--name", "Console batch", "--out", str(tmp_path / "results.csv"),
+                   "--labels", str(tmp_path / "truth.csv"))
         job_id = re.search(r"^Job (\S+) ", done.stdout, re.M).group(1)  # type: ignore[union-attr]
         _wait_done(server.url, key, job_id)
         time.sleep(1)  # the finished-job line is logged right after the job's commit
@@ -61,6 +64,7 @@ def test_console_shows_what_a_person_needs_and_the_log_file_the_rest(tmp_path: P
     log = (data / "skinscan.log").read_text()
     assert "POST /api/v1/jobs HTTP" in log and f"GET /api/v1/jobs/{job_id} HTTP" in log
     assert "worker.tasks.score_chunk" in log and f"job {job_id} (Console batch) done" in log
+    assert "py.warnings" in log and "Warning" not in console  # library warnings: in the file only
 
     server = Serve(env, tmp_path / "verbose.txt", "--verbose")
     try:
