@@ -101,8 +101,7 @@ def create():  # type: ignore[no-untyped-def]
         return _existing(known)
     try:
         result = create_job(session, storage(), g.clinic, _uploaded_files(), _labels_bytes(), settings(),
-                            g.actor, finalize=finalize, name=request.form.get("name"))
-        result.job.batch_key, result.job.parts = key, 1
+                            g.actor, finalize=finalize, name=request.form.get("name"), batch_key=key)
         session.commit()
     except IntegrityError:  # the same batch key, committed by a concurrent request meanwhile: answer its job
         discard_stored(session, storage())

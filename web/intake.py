@@ -238,6 +238,7 @@ def fail_job(session: Session, job: Job, reason: str) -> None:
 def create_job(
     session: Session, storage: Storage, clinic: Clinic, files: list[tuple[str, IO[bytes]]],
     labels: bytes | None, settings: Settings, actor: str, finalize: bool = True, name: str | None = None,
+    batch_key: str | None = None,
 ) -> IntakeResult:
     """Store the upload's images and commit the job with all its rows in one transaction (not enqueued)."""
     truth = parse_labels(labels)
@@ -245,7 +246,7 @@ def create_job(
     intent = begin_upload(settings, clinic.id, job_id)  # committed before this session writes (SQLite: one writer)
     model = ensure_production_model(session, settings)
     job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version,
-              name=clean_job_name(name))
+              name=clean_job_name(name), batch_key=batch_key, parts=1)  # this request is part 0
     session.add(job)
     session.flush()
     accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings, intent=intent)
