@@ -168,7 +168,9 @@ def add_images(
     the rows claims the objects, and anything else leaves them to discard_stored or the orphan sweeper.
     """
     intent = intent or begin_upload(settings, job.clinic_id, job.id)
-    session.info.setdefault(UPLOAD_INTENTS, []).append(intent)
+    known = session.info.setdefault(UPLOAD_INTENTS, [])
+    if intent not in known:
+        known.append(intent)
     accepted, rejected, rows = 0, [], []
 
     def row(name: str, status: str, size: int, error: str | None = None, key: str | None = None,
@@ -244,6 +246,7 @@ def create_job(
     truth = parse_labels(labels)
     job_id = new_id()
     intent = begin_upload(settings, clinic.id, job_id)  # committed before this session writes (SQLite: one writer)
+    session.info.setdefault(UPLOAD_INTENTS, []).append(intent)  # discarded with the request if anything fails
     model = ensure_production_model(session, settings)
     job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version,
               name=clean_job_name(name), batch_key=batch_key, parts=1)  # this request is part 0
