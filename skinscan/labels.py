@@ -62,6 +62,7 @@ class LabelFileError(ValueError):
 
     def __init__(self, message: str, line: int | None = None) -> None:
         self.line = line
+        self.reason = message  # without the line number (a detail that names the line itself)
         super().__init__(f"line {line}: {message}" if line else message)
 
 
@@ -108,6 +109,10 @@ def parse_ground_truth(text: str) -> GroundTruth:
     except csv.Error as exc:
         raise LabelFileError(f"not a CSV file: {exc}", 1) from None
     cols = {h: i for i, h in enumerate(header)}
+    if len(header) == 1 and header[0].count(";") >= 1:
+        raise LabelFileError(
+            "the columns are separated by ';' (a spreadsheet's CSV export in some languages); save the file as CSV "
+            "with ',' between columns", 1)
     if "image_id" in cols and "dx" in cols:
         fmt, known = "ham10000", CLASSES
     elif "image_id" in cols and "melanoma" in cols and "seborrheic_keratosis" in cols:

@@ -29,6 +29,13 @@ KNOWN_DEFAULT_SECRETS = frozenset({
 KNOWN_DEFAULT_ACCESS_KEYS = frozenset({"minioadmin", "AKIAIOSFODNN7EXAMPLE"})
 
 
+def default_data_dir() -> Path:
+    """The per-user data folder (platformdirs: ~/.local/share/skinscan on Linux), whatever the working directory."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("skinscan", appauthor=False))
+
+
 class ConfigError(RuntimeError):
     """A setting that is missing, malformed or unsafe for the mode SkinScan runs in."""
 
@@ -73,7 +80,7 @@ _SECRET_FIELDS = {"database_url", "redis_url", "secret_key", "s3_secret_access_k
 class Settings:
     """SkinScan's configuration; embedded defaults unless production services are named."""
 
-    data_dir: ResolvedPath = Path("skinscan-data")
+    data_dir: ResolvedPath = dataclasses.field(default_factory=default_data_dir)  # per user, not the working folder
     database_url: str = ""  # "": the SQLite file skinscan.db in data_dir
     db_runtime_role: str | None = None  # `skinscan migrate` grants this PostgreSQL role the runtime privileges
     redis_url: str | None = None
@@ -196,6 +203,8 @@ def environment_model() -> type[BaseSettings]:
         kind, default = hints[field.name], field.default
         if field.name == "production":  # SKINSCAN_ENV names a mode: a misspelt one must not mean "development"
             kind, default = Annotated[Literal["production", "development"], BeforeValidator(_lower)], "development"
+        elif field.name == "data_dir":  # read when settings are read: platformdirs follows XDG_DATA_HOME
+            kind, default = ResolvedPath | None, None
         fields[field.name] = (kind, Field(default, validation_alias=env_name(field.name)))
     return create_model("EnvironmentSettings", __base__=_EnvironmentBase, __module__=__name__, **fields)
 
@@ -245,5 +254,6 @@ def _read_settings() -> Settings:
         raise ConfigError(f"{len(problems)} setting{'s are' if len(problems) > 1 else ' is'} not valid: "
                           + "; ".join(problems)) from None
     values["production"] = values["production"] == "production"
+    values["data_dir"] = values["data_dir"] or _resolved(default_data_dir())
     values["database_url"] = _database_url(values["database_url"], values["data_dir"])
     return Settings(**values)

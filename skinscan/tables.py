@@ -115,6 +115,9 @@ class Job(Base):
     scored: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)  # includes the refused files
     refused: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # files refused at upload
+    # A client's key for the batch (`skinscan submit`: from the files' hashes): sending it again finds this job.
+    batch_key: Mapped[str | None] = mapped_column(String(64))
+    parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # upload parts received
     labels_format: Mapped[str | None] = mapped_column(String(32))
     known_labels: Mapped[list[Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
@@ -123,7 +126,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (Index("ix_jobs_clinic_created", "clinic_id", "created_at"),
-                      Index("ix_jobs_status_updated", "status", "updated_at"))
+                      Index("ix_jobs_status_updated", "status", "updated_at"),
+                      Index("uq_jobs_clinic_batch_key", "clinic_id", "batch_key", unique=True))
 
     @property
     def progress(self) -> float:

@@ -129,11 +129,43 @@ def test_first_run_clinics_and_users(env: dict[str, str], tmp_path: Path) -> Non
         actions = [r[0] for r in con.execute("select action from audit_events where target_id = "
                                              "'ana@clinic.example' order by id")]
     assert actions == ["user.create", "user.password_reset"]
+    piped = ok(env, "users", "create", "My Clinic", "cy@clinic.example", stdin="piped password\n")  # no option
+    assert "password:" not in piped  # read from the pipe, not generated
+    with sqlite3.connect(db) as con:
+        cy = con.execute("select password_hash from users where email = 'cy@clinic.example'").fetchone()[0]
+    assert check_password_hash(cy, "piped password")
     unknown = run(env, "users", "reset-password", "nobody@clinic.example", "--password-stdin", stdin="whatever1\n")
     assert unknown.returncode == 1 and unknown.stderr.strip() == \
         "no user 'nobody@clinic.example' (`skinscan users list` shows them)"
     on_argv = run(env, "users", "reset-password", "ana@clinic.example", "--password", "visible-in-ps")
     assert on_argv.returncode == 1 and "--password-stdin" in on_argv.stderr
+
+
+def test_data_follows_the_user_not_the_working_directory(tmp_path: Path) -> None:
+    """Without SKINSCAN_DATA_DIR the data lives in the per-user folder (platformdirs): a clinic created from one
+    folder is listed from another and no ./skinscan-data appears; SKINSCAN_DATA_DIR still overrides it."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES and k != "SKINSCAN_DATA_DIR"}
+    env["XDG_DATA_HOME"] = str(tmp_path / "user-data")
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+
+    def cli(cwd: Path, *args: str, extra: dict[str, str] | None = None) -> str:
+        out = subprocess.run([sys.executable, "-m", "skinscan.cli", *args], env={**env, **(extra or {})}, cwd=cwd,
+                             text=True, capture_output=True, timeout=300, input="")
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cli(here, "clinics", "create", "Moving Clinic")
+    created = cli(here, "clinics", "create", "Second Clinic")
+    assert f"(data in {tmp_path / 'user-data' / 'skinscan'})" in created
+    assert "Moving Clinic" in cli(there, "clinics", "list")
+    assert (tmp_path / "user-data" / "skinscan" / "skinscan.db").is_file()
+    assert not (here / "skinscan-data").exists() and not (there / "skinscan-data").exists()
+    override = {"SKINSCAN_DATA_DIR": str(tmp_path / "elsewhere")}
+    assert f"No clinics yet in {tmp_path / 'elsewhere'}:" in cli(there, "clinics", "list", extra=override)
+    assert (tmp_path / "elsewhere" / "skinscan.db").is_file()
 
 
 def test_normalise_url_forms() -> None:
@@ -164,7 +196,7 @@ def test_submit_says_what_is_wrong_in_one_sentence(env: dict[str, str], tmp_path
         return out.returncode, out.stderr.strip()
 
     assert submit(str(tmp_path / "nope"), "--url", f"http://127.0.0.1:{port}") == (
-        2, f"skinscan submit: folder {tmp_path / 'nope'} does not exist")
+        2, f"skinscan submit: {tmp_path / 'nope'} does not exist (give image files, zips or folders of them)")
     assert submit(str(folder), "--url", f"http://127.0.0.1:{port}") == (
         3, f"skinscan submit: no SkinScan server at http://127.0.0.1:{port}: is `skinscan serve` running?")
     code, err = submit(str(folder), "--url", f"127.0.0.1:{port}/api/v1")

@@ -18,12 +18,13 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     settings = settings or load_settings()
     settings.check_production()
     cap_library_loggers()
+    from skinscan.session_secret import session_secret
     from web.limits import CountingRequest, max_form_parts
 
     app = Flask(__name__)
     app.request_class = CountingRequest
     app.config.update(
-        SECRET_KEY=settings.secret_key,
+        SECRET_KEY=session_secret(settings),  # never the built-in default: forgeable sign-ins
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         MAX_FORM_PARTS=max_form_parts(settings),  # Werkzeug's default (1,000) would cap SKINSCAN_MAX_FILES
         SESSION_COOKIE_HTTPONLY=True,

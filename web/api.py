@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from skinscan import audit
@@ -23,6 +24,7 @@ from web.api_schemas import (
     UploadSchema,
 )
 from web.auth import require_api_key
+from web.batches import batch_key_arg, claim_part, job_for_batch, part_arg
 from web.context import db, settings, storage
 from web.errors import ApiError
 from web.intake import (
@@ -63,28 +65,51 @@ def _labels_bytes() -> bytes | None:
 
 
 def _created(job: Job, accepted: int, rejected: list[Any],
-             labels: dict[str, Any] | None = None) -> tuple[Response, int]:
+             labels: dict[str, Any] | None = None, status: int = 202, **extra: Any) -> tuple[Response, int]:
     body = job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))
     body["results_url"] = url_for("api.job_results", job_id=job.id, _external=True)
     body["accepted"] = accepted
     body["rejected"] = [r.__dict__ for r in rejected]
     if labels is not None:
         body["labels"] = labels
-    return jsonify(body), 202
+    body.update(extra)
+    return jsonify(body), status
+
+
+def _part_received(job: Job, part: int | None) -> tuple[Response, int]:
+    """A numbered part that is not the next: received before (200, stored once) or early (409)."""
+    if part is not None and part > job.parts:
+        raise ApiError(f"part {part} of job {job.id} came before part {job.parts}; send that one first", 409)
+    return _created(job, 0, [], status=200, duplicate_part=True)
+
+
+def _existing(job: Job) -> tuple[Response, int]:
+    """The job a batch key already names: 200, nothing of this request stored."""
+    return _created(job, 0, [], status=200, resumed=True)
 
 
 @bp.post("/jobs")
 @doc(JobCreatedSchema, status=202, description="job created (and queued unless finalize=false)",
-     form=UploadSchema, errors=(400, 413, 415, 503))
+     form=UploadSchema, errors=(400, 413, 415, 503),
+     also=((200, "the clinic's job of this batch_key (resumed: true); nothing of this request was stored"),))
 @require_api_key
 def create():  # type: ignore[no-untyped-def]
     """Create a job from files and/or zips (+ optional labels CSV); commit, then enqueue; 202."""
     finalize = request.form.get("finalize", "true").lower() not in ("0", "false", "no")
     session = db()
+    key = batch_key_arg(request.form.get("batch_key"))
+    if key and (known := job_for_batch(session, g.clinic.id, key)) is not None:
+        return _existing(known)
     try:
         result = create_job(session, storage(), g.clinic, _uploaded_files(), _labels_bytes(), settings(),
-                            g.actor, finalize=finalize, name=request.form.get("name"))
+                            g.actor, finalize=finalize, name=request.form.get("name"), batch_key=key)
         session.commit()
+    except IntegrityError:  # the same batch key, committed by a concurrent request meanwhile: answer its job
+        discard_stored(session, storage())
+        known = job_for_batch(session, g.clinic.id, key) if key else None
+        if known is None:
+            raise
+        return _existing(known)
     except UploadError as exc:
         discard_stored(session, storage())
         raise ApiError(str(exc), exc.status, exc.details) from None
@@ -100,7 +125,7 @@ def create():  # type: ignore[no-untyped-def]
 
 @bp.post("/jobs/<job_id>/images")
 @doc(JobCreatedSchema, status=202, description="images added", form=UploadSchema,
-     errors=(400, 409, 413, 415, 503))
+     errors=(400, 409, 413, 415, 503), also=((200, "this part was received before (duplicate_part: true)"),))
 @require_api_key
 def add(job_id: str):  # type: ignore[no-untyped-def]
     """Add a part of files to a job created with finalize=false."""
@@ -108,10 +133,18 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     if job.status != "uploading":  # checked again under the job's row lock before the part commits
         raise ApiError(f"job is {job.status}; images can only be added while it is uploading", 409)
     session = db()
+    part = part_arg(request.form.get("part"))
+    if part is not None and part != job.parts:
+        return _part_received(job, part)
     session.commit()  # end the lookup's transaction: the part is stored with no transaction held open
     try:
         accepted, rejected = add_images(session, storage(), job, iter_files(_uploaded_files(), settings()),
                                         settings())
+        # add_images has locked the job's row (lock_open_job) just before inserting the rows: the part is counted
+        # under that lock, so the row is held only while the part commits, not while its images are stored.
+        if claim_part(session, job.id, part) != "new":  # a concurrent request carried the same part
+            discard_stored(session, storage())
+            return _part_received(session.get(Job, job.id, populate_existing=True) or job, part)
         session.commit()
     except UploadError as exc:
         discard_stored(session, storage())
@@ -119,6 +152,7 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     except StorageError:
         discard_stored(session, storage())
         raise ApiError(STORAGE_DOWN, 503) from None
+    session.refresh(job)  # its parts counter moved in SQL
     enqueue_committed(session, job, settings(), closed=False)  # scored while the next part uploads
     return _created(job, accepted, rejected)
 
@@ -170,8 +204,11 @@ def list_jobs():  # type: ignore[no-untyped-def]
     page = int_arg("page", 1, 1, 1_000_000, strict=True)
     per_page = int_arg("per_page", 20, 1, 200, strict=True)
     session = db()
-    total = session.scalar(select(func.count()).select_from(Job).where(Job.clinic_id == g.clinic.id)) or 0
-    jobs = session.scalars(select(Job).where(Job.clinic_id == g.clinic.id)
+    mine = [Job.clinic_id == g.clinic.id]
+    if (key := batch_key_arg(request.args.get("batch_key"))) is not None:
+        mine.append(Job.batch_key == key)  # the job a client's batch key names (none, or one)
+    total = session.scalar(select(func.count()).select_from(Job).where(*mine)) or 0
+    jobs = session.scalars(select(Job).where(*mine)
                            .order_by(Job.created_at.desc(), Job.id).limit(per_page).offset((page - 1) * per_page))
     return jsonify({"page": page, "per_page": per_page, "total": total,
                     "jobs": [job_summary(j, url_for("api.job_status", job_id=j.id)) for j in jobs]})

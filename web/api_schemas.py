@@ -56,6 +56,7 @@ class JobSchema(Body):
     finished_at = fields.String(allow_none=True, metadata={"format": "date-time"})
     has_labels = fields.Boolean()
     error = fields.String(allow_none=True)
+    parts = fields.Integer(metadata={"description": "upload parts the job has received"})
     status_url = fields.String()
 
 
@@ -65,6 +66,8 @@ class JobCreatedSchema(JobSchema):
     results_url = fields.String()
     accepted = fields.Integer()
     rejected = fields.List(fields.Dict(), metadata={"description": "refused files, each with the reason"})
+    resumed = fields.Boolean(metadata={"description": "the job of this batch_key existed: nothing was stored"})
+    duplicate_part = fields.Boolean(metadata={"description": "this part was received before: not stored again"})
     labels = fields.Dict(metadata={
         "description": "with a labels CSV: images labelled, images without a row, and label rows that matched no "
                        "uploaded image (ignored): labelled, unlabelled, unmatched_label_rows, labels_summary"})
@@ -211,6 +214,12 @@ class UploadSchema(Body):
         "description": "false keeps the job open for more parts (POST .../images)"})
     name = fields.String(metadata={
         "description": "optional batch name or reference, shown in the jobs list (up to 200 characters)"})
+    batch_key = fields.String(metadata={
+        "description": "optional client key of the batch (16-64 of A-Z a-z 0-9 - _): when the clinic has a job with "
+                       "this key that can go on, the answer is that job (200, resumed) and nothing is stored"})
+    part = fields.Integer(validate=Range(min=0, max=1_000_000), metadata={
+        "description": "POST .../images: the part's number (the creating request is part 0); a part received "
+                       "before answers 200 with duplicate_part and is not stored again"})
 
 
 class JobListQuery(Body):
@@ -218,6 +227,7 @@ class JobListQuery(Body):
 
     page = fields.Integer(validate=Range(min=1, max=1_000_000))
     per_page = fields.Integer(validate=Range(min=1, max=200))
+    batch_key = fields.String(metadata={"description": "only the job of this client batch key"})
 
 
 class ResultsQuery(Body):

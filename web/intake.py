@@ -145,7 +145,7 @@ def parse_labels(data: bytes | None) -> GroundTruth | None:
         return parse_ground_truth(text)
     except LabelFileError as exc:  # one sentence naming the line
         raise UploadError(f"labels file: {exc}", 400,
-                          [{"line": exc.line, "error": str(exc)}] if exc.line else None) from None
+                          [{"line": exc.line, "error": exc.reason}] if exc.line else None) from None
 
 
 def store_image(storage: Storage, prefix: str, data: bytes) -> tuple[str, str, str, int]:
@@ -170,7 +170,9 @@ def add_images(
     uploading; the rows are numbered after the job's images under that lock.
     """
     intent = intent or begin_upload(settings, job.clinic_id, job.id)
-    session.info.setdefault(UPLOAD_INTENTS, []).append(intent)
+    known = session.info.setdefault(UPLOAD_INTENTS, [])
+    if intent not in known:
+        known.append(intent)
     accepted, rejected, rows = 0, [], []
 
     def row(name: str, status: str, size: int, error: str | None = None, key: str | None = None,
@@ -259,14 +261,16 @@ def fail_job(session: Session, job: Job, reason: str) -> None:
 def create_job(
     session: Session, storage: Storage, clinic: Clinic, files: list[tuple[str, IO[bytes]]],
     labels: bytes | None, settings: Settings, actor: str, finalize: bool = True, name: str | None = None,
+    batch_key: str | None = None,
 ) -> IntakeResult:
     """Store the upload's images and commit the job with all its rows in one transaction (not enqueued)."""
     truth = parse_labels(labels)
     job_id = new_id()
     intent = begin_upload(settings, clinic.id, job_id)  # committed before this session writes (SQLite: one writer)
+    session.info.setdefault(UPLOAD_INTENTS, []).append(intent)  # discarded with the request if anything fails
     model = ensure_production_model(session, settings)
     job = Job(id=job_id, clinic_id=clinic.id, status="uploading", model_version=model.version,
-              name=clean_job_name(name))
+              name=clean_job_name(name), batch_key=batch_key, parts=1)  # this request is part 0
     session.add(job)
     session.flush()
     accepted, rejected = add_images(session, storage, job, iter_files(files, settings), settings, intent=intent)

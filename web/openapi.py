@@ -47,16 +47,17 @@ class Operation:
     form_required: bool = True
     errors: tuple[int, ...] = ()
     csv: bool = False  # the success answer may also be text/csv (?format=csv)
+    also: tuple[tuple[int, str], ...] = ()  # other success answers with the same schema: (status, description)
 
 
 def doc(response: SchemaRef | None = None, *, status: int = 200, description: str | None = None,
         query: SchemaRef | None = None, form: SchemaRef | None = None, form_required: bool = True,
-        errors: Iterable[int] = (), csv: bool = False) -> Callable[[F], F]:
+        errors: Iterable[int] = (), csv: bool = False, also: Iterable[tuple[int, str]] = ()) -> Callable[[F], F]:
     """Decorate a view with the schemas and statuses its operation answers (read by `spec`)."""
 
     def mark(view: F) -> F:
         declared = Operation(response, status, description, query, form, form_required, tuple(sorted(set(errors))),
-                             csv)
+                             csv, tuple(also))
         view.openapi = declared  # type: ignore[attr-defined]
         return view
 
@@ -119,6 +120,8 @@ def _operation(view: Callable[..., Any], rule: Rule, method: str, has_path_param
         if content:
             ok["content"] = content
         responses[str(declared.status)] = ok
+        for code, text in declared.also:
+            responses[str(code)] = {**ok, "description": text}
         if declared.query is not None:
             operation["parameters"] = [{"in": "query", "schema": declared.query}]
         if declared.form is not None and method in ("POST", "PUT", "PATCH"):

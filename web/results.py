@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.csvsafe import csv_row
+from skinscan.job_counts import job_counts
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
 from skinscan.reviews import current_reviews
@@ -21,7 +22,7 @@ from web.risk_order import results_version, risk_page
 
 CSV_COLUMNS = ["image_id", "filename", "risk_rank", "status", "predicted_label", *[f"prob_{c}" for c in CLASSES],
                "malignancy_score", "flagged", "flag_reason", "model_version", "true_label", "error",
-               "review_decision", "review_diagnosis", "reviewed_by", "reviewed_at"]
+               "review_decision", "review_diagnosis", "review_note", "reviewed_by", "reviewed_at"]
 
 
 def _iso(value: datetime) -> str:
@@ -71,6 +72,7 @@ def rows_for(session: Session, images: list[ImageRecord], job: Job, history: boo
         row.update({
             "review_decision": review.decision if review else None,
             "review_diagnosis": review.diagnosis if review else None,
+            "review_note": review.note if review else None,
             "reviewed_by": review.reviewer if review else None,
             "reviewed_at": _iso(review.created_at) if review else None,
         })
@@ -106,7 +108,8 @@ def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
                 "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
                 "" if r["flagged"] is None else int(r["flagged"]), r["flag_reason"], r["model_version"] or "",
                 r["true_label"] or "", r["error"] or "",
-                r["review_decision"] or "", r["review_diagnosis"] or "", r["reviewed_by"] or "", r["reviewed_at"] or "",
+                r["review_decision"] or "", r["review_diagnosis"] or "", r["review_note"] or "", r["reviewed_by"] or "",
+                r["reviewed_at"] or "",
             ]))
         yield buf.getvalue()
         buf.seek(0)
@@ -148,15 +151,14 @@ def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
 
     body: dict[str, Any] = {
         "id": job.id, "name": job.name, "status": job.status, "kind": job.kind,
-        # one count everywhere: total = images accepted; files refused at upload are counted apart
-        "counts": {"total": job.total - job.refused, "scored": job.scored, "failed": job.failed - job.refused,
-                   "refused": job.refused},
+        # one definition everywhere (skinscan.job_counts): total = images accepted, failed = not scored
+        "counts": job_counts(job).as_api(),
         "progress": job.progress, "model_version": job.model_version,
         "created_at": ts(job.created_at), "started_at": ts(job.started_at), "finished_at": ts(job.finished_at),
-        "has_labels": job.labels_format is not None, "error": job.error,
+        "has_labels": job.labels_format is not None, "error": job.error, "parts": job.parts,
     }
-    if job.status == "cancelled":  # images the cancellation left unscored
-        body["counts"]["cancelled"] = job.total - job.scored - job.failed
+    if job.status == "cancelled":  # images the cancellation left unscored (0 included)
+        body["counts"].setdefault("cancelled", 0)
     if status_url:
         body["status_url"] = status_url
     return body

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from skinscan.bundle_store import local_bundle
 from skinscan.db import session_scope
+from skinscan.job_counts import job_counts
 from skinscan.registry import bundle_ref
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError, get_storage
@@ -21,6 +22,7 @@ from skinscan.tables import ImageRecord, Job, Prediction, utcnow
 from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
+jobs_log = logging.getLogger("skinscan.jobs")
 
 # Tries per image: a delivery that crashed, timed out or hit an outage counts one try for each image it tried.
 MAX_ATTEMPTS = 8
@@ -274,6 +276,7 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
 
 def refresh_job(job_id: str, settings: Settings) -> None:
     """Recompute a job's counters from its images; when none is pending, store metrics and mark it done."""
+    finished = None
     with session_scope(settings) as session:
         # Lock the job before counting, so a refresh that counted earlier cannot overwrite a later one's counts.
         job = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
@@ -293,7 +296,11 @@ def refresh_job(job_id: str, settings: Settings) -> None:
             if job.scored == 0:
                 job.error = "no image in this job could be scored"
             job.finished_at = utcnow()
-            log.info("job %s %s: %d scored, %d failed", job.id, job.status, job.scored, job.failed)
+            figures = job_counts(job)
+            finished = (job.id, f" ({job.name})" if job.name else "", job.status, figures.images, figures.scored,
+                        figures.not_scored, figures.refused)
+    if finished:  # committed: one line per finished job (`skinscan serve` shows it on its console)
+        jobs_log.info("job %s%s %s: %d images, %d scored, %d not scored; files refused at upload: %d", *finished)
 
 
 def stalled_jobs(settings: Settings) -> list[str]:

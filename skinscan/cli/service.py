@@ -118,7 +118,11 @@ def _quiet_embedded_worker() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run web and worker in one process on the embedded defaults (SQLite, local folder, memory broker)."""
+    from skinscan.cli.console import log_to_file
+
     settings = load_settings()
+    verbose = bool(args.verbose or args.serve_verbose)
+    log_file = log_to_file(settings.data_dir, verbose)
     if settings.redis_url:
         log.warning("REDIS_URL is set: `skinscan serve` still runs its own in-process worker")
     _check_model(settings)
@@ -134,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{server.server_port}/"
     log.debug("SkinScan at %s (data in %s)", url, settings.data_dir)
     print(f"SkinScan running at {url} (data in {settings.data_dir}); Ctrl+C to stop.\n"  # noqa: T201
+          f"Requests and tasks are logged to {log_file}" + ("" if verbose else " (--verbose: here too)") + ".\n"
           f"{_sign_in_help(settings, url)}", flush=True)
     requeue_unfinished(settings)
     _quiet_embedded_worker()
@@ -289,10 +294,20 @@ def cmd_clinics_create(args: argparse.Namespace) -> int:
         audit.record(session, "clinic.key_created", _actor(), clinic.id, "clinic", clinic.id)
     log.debug("clinic %s: API key created", args.name)
     what = "created" if created else "has a new API key"
-    print(f"Clinic {args.name!r} {what}. The key is shown once: keep it somewhere safe; "  # noqa: T201
-          "`skinscan submit` reads it from SKINSCAN_API_KEY.")
+    print(f"Clinic {args.name!r} {what} (data in {_where(settings)}). The key is shown once: keep it "  # noqa: T201
+          "somewhere safe; `skinscan submit` reads it from SKINSCAN_API_KEY.")
     print(f"API key: {key}")  # noqa: T201 - the key is the command's output
     return 0
+
+
+def _where(settings: Settings) -> str:
+    """Where the data lives, as a person would look for it: the data folder, or the database's host."""
+    if settings.database_url.startswith("sqlite"):
+        return str(settings.data_dir)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    return f"database {url.database} on {url.host or 'localhost'}"
 
 
 def _fmt_time(value: object) -> str:
@@ -320,7 +335,8 @@ def cmd_clinics_list(_args: argparse.Namespace) -> int:
         jobs = per_clinic(Job)
         clinics = list(session.scalars(select(Clinic).order_by(Clinic.name)))
         if not clinics:
-            print('No clinics yet: create one with `skinscan clinics create "My Clinic"`.')  # noqa: T201
+            print(f"No clinics yet in {_where(settings)}: create one with "  # noqa: T201
+                  '`skinscan clinics create "My Clinic"`.')
             return 0
         width = max(len("Clinic"), *(len(c.name) for c in clinics))
         print(f"{'Clinic':<{width}}  {'Keys':>4}  {'Users':>5}  {'Jobs':>5}  {'Retention':>9}  Created")  # noqa: T201
@@ -444,7 +460,8 @@ def cmd_clinics_rotate_key(args: argparse.Namespace) -> int:
 
 
 def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
-    """Return (password, generated): from standard input, SKINSCAN_USER_PASSWORD, a prompt, or generated."""
+    """Return (password, generated): from standard input (--password-stdin, or a pipe: standard input is not a
+    terminal), SKINSCAN_USER_PASSWORD, a prompt on a terminal, or generated when nothing is given."""
     if getattr(args, "password", None) is not None:
         raise SystemExit("--password is no longer accepted: a password on the command line is visible to every "
                          "user of the machine (ps, /proc); pipe it in with --password-stdin, or leave both out "
@@ -456,8 +473,10 @@ def _read_password(args: argparse.Namespace) -> tuple[str, bool]:
             raise SystemExit("--password-stdin: no password on standard input")
     else:
         password = os.environ.get("SKINSCAN_USER_PASSWORD") or ""
+        if not password and sys.stdin is not None and not sys.stdin.isatty():
+            password = sys.stdin.readline().rstrip("\r\n")  # `echo secret | skinscan users create ...`
     if not password:
-        if sys.stdin.isatty():
+        if sys.stdin is not None and sys.stdin.isatty():
             password = getpass.getpass("Password: ")
             if getpass.getpass("Password again: ") != password:
                 raise SystemExit("the two passwords differ; nothing was changed")
@@ -558,6 +577,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                                    "in SKINSCAN_DATA_DIR (SQLite, local image folder). Prints how to sign in.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine)")
     p.add_argument("--port", type=int, default=port, help="port to listen on (default: $PORT or 8000)")
+    p.add_argument("--verbose", dest="serve_verbose", action="store_true",
+                   help="show every request and task log on the console too (always in skinscan.log in the data "
+                        "folder)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="production web server (gunicorn)")
@@ -639,8 +661,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
     p = sub.add_parser("users", help="manage web users (create, list, reset-password)")
     usub = p.add_subparsers(dest="users_command", required=True)
-    password_help = ("read the password from the first line of standard input (else SKINSCAN_USER_PASSWORD, "
-                     "a prompt on a terminal, or a generated one that is printed once)")
+    password_help = ("read the password from the first line of standard input (also done when standard input is a "
+                     "pipe; else SKINSCAN_USER_PASSWORD, a prompt on a terminal, or a generated one printed once)")
     u = usub.add_parser("create", help="add a user who signs in to the web pages for a clinic")
     u.add_argument("clinic", help="the clinic's name, as given to `skinscan clinics create`")
     u.add_argument("email", help="the user's email address: their sign-in name")
@@ -658,11 +680,20 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
     from skinscan.cli.submit import add_arguments as submit_arguments
 
-    p = sub.add_parser("submit", help="upload a folder of images to a SkinScan server and save the results",
-                       description="Upload every image below FOLDER as one job, follow it while it is scored, "
+    p = sub.add_parser("submit", help="upload images (files, zips, folders) to a SkinScan server and save the "
+                                      "results",
+                       description="Upload the images of every PATH (files, zips, folders) as one job, follow it "
+                                   "while it is scored, "
                                    "write the results CSV and print a summary. The API key is read from "
                                    "SKINSCAN_API_KEY (so it stays out of the shell history).")
     submit_arguments(p)
+
+    from skinscan.cli.submit import add_results_arguments
+
+    p = sub.add_parser("results", help="save any job's results CSV from a SkinScan server",
+                       description="Write the results CSV of a job (the scored images so far, if it is still "
+                                   "running). The API key is read from SKINSCAN_API_KEY.")
+    add_results_arguments(p)
 
 
 __all__ = ["add_service_commands", "load_settings"]

@@ -212,8 +212,8 @@ def test_review_page_saves_and_goes_to_the_next_flagged_image(app: Flask, settin
 
 
 def test_exports_carry_the_current_review(app: Flask, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:
-    """CSV (pages and API) and JSON exports carry review_decision, review_diagnosis, reviewed_by and reviewed_at
-    of each image's latest review, empty for unreviewed images; a formula-like note-taker name stays text."""
+    """CSV (pages and API) and JSON exports carry review_decision, review_diagnosis, review_note, reviewed_by and
+    reviewed_at of each image's latest review, empty for unreviewed images; a formula-like name or note stays text."""
     from skinscan.db import session_scope
     from skinscan.reviews import record_review
     from skinscan.tables import ImageRecord
@@ -228,18 +228,20 @@ def test_exports_carry_the_current_review(app: Flask, settings: Any, sent: SentT
     with session_scope(settings) as session:
         a = session.get(ImageRecord, ids["a.jpg"])
         record_review(session, a, decision="disagree", diagnosis="nv", reviewer="=cmd|'/c calc'!A1", user_id=None,
-                      version=MODEL_VERSION)
+                      version=MODEL_VERSION, note="=1+1 looks benign;\nsee again in 3 months")
     for body in (client.get(f"/jobs/{job_id}/results.csv").get_data(as_text=True),
                  api.get(f"/api/v1/jobs/{job_id}/results?format=csv").get_data(as_text=True)):
         table = list(csv.reader(io.StringIO(body)))
-        assert table[0] == CSV_COLUMNS and CSV_COLUMNS[-4:] == [
-            "review_decision", "review_diagnosis", "reviewed_by", "reviewed_at"]
+        assert table[0] == CSV_COLUMNS and CSV_COLUMNS[-5:] == [
+            "review_decision", "review_diagnosis", "review_note", "reviewed_by", "reviewed_at"]
         rows = {r[1]: dict(zip(CSV_COLUMNS, r, strict=True)) for r in table[1:]}
         assert rows["a.jpg"]["review_decision"] == "disagree" and rows["a.jpg"]["review_diagnosis"] == "nv"
         assert rows["a.jpg"]["reviewed_by"] == "'=cmd|'/c calc'!A1" and rows["a.jpg"]["reviewed_at"].endswith("+00:00")
-        assert [rows["b.jpg"][c] for c in CSV_COLUMNS[-4:]] == ["", "", "", ""]
+        assert rows["a.jpg"]["review_note"] == "'=1+1 looks benign;\nsee again in 3 months"
+        assert [rows["b.jpg"][c] for c in CSV_COLUMNS[-5:]] == ["", "", "", "", ""]
     results = {r["filename"]: r for r in client.get(f"/jobs/{job_id}/results.json").get_json()["results"]}
     assert results["a.jpg"]["review_decision"] == "disagree" and results["b.jpg"]["reviewed_by"] is None
+    assert results["a.jpg"]["review_note"] == "=1+1 looks benign;\nsee again in 3 months"
     api_rows = {r["filename"]: r for r in api.get(f"/api/v1/jobs/{job_id}/results").get_json()["results"]}
     assert api_rows["a.jpg"]["review_diagnosis"] == "nv"
 

@@ -18,10 +18,11 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def test_defaults_are_the_embedded_mode(tmp_path: Path) -> None:
+def test_defaults_are_the_embedded_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home-data"))
     settings = load_settings()
-    assert settings.data_dir == tmp_path / "skinscan-data"
-    assert settings.database_url == f"sqlite:///{tmp_path / 'skinscan-data' / 'skinscan.db'}"
+    assert settings.data_dir == tmp_path / "home-data" / "skinscan"  # per user (platformdirs), not the working folder
+    assert settings.database_url == f"sqlite:///{tmp_path / 'home-data' / 'skinscan' / 'skinscan.db'}"
     assert settings.embedded and settings.s3_bucket is None and not settings.production
     assert settings.rescore_enabled is True and settings.rate_limit_per_minute == 600
     assert settings.referral_sensitivity is None and settings.model_cache == settings.data_dir / "model-cache"

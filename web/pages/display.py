@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from skinscan.job_counts import job_counts
 from skinscan.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 STATUS_TEXT = {"uploading": "Uploading", "queued": "Queued", "running": "Running", "done": "Done",
@@ -38,6 +39,11 @@ def num(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def count(value: int | None) -> str:
+    """Format a whole number with thousands separators, as the command line does (1,500)."""
+    return "—" if value is None else f"{value:,}"
+
+
 def heat(value: float) -> int:
     """Return a shade 0..10 for a 0..1 fraction (a CSS class; the page's CSP forbids inline styles)."""
     return max(0, min(10, round(value * 10)))
@@ -50,8 +56,9 @@ def register(app: Flask) -> None:
     app.add_template_filter(pct)
     app.add_template_filter(num)
     app.add_template_filter(heat)
+    app.add_template_filter(count)
     app.jinja_env.globals.update(CLASSES=CLASSES, CLASS_NAMES=CLASS_NAMES, MALIGNANT=MALIGNANT,
-                                 STATUS_TEXT=STATUS_TEXT, class_name=_class_name)
+                                 STATUS_TEXT=STATUS_TEXT, class_name=_class_name, job_counts=job_counts)
 
 
 def _class_name(code: Any) -> str:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.job_counts import job_counts
 from skinscan.labels import CLASSES, MALIGNANT
 from skinscan.retention import removal_time
 from skinscan.reviews import next_flagged_unreviewed, unreviewed_flagged_count
@@ -189,7 +190,8 @@ def status(job_id: str):  # type: ignore[no-untyped-def]
     session = db()
     counts, flagged = tile_counts(session, job, results_version(session, job))
     body = job_summary(job)
-    body["tiles"] = {"scored": job.scored, "failed": job.failed, "total": job.total, "classes": counts,
+    figures = job_counts(job)  # the same figures as the API's counts and the pages
+    body["tiles"] = {"scored": figures.scored, "failed": figures.not_scored, "total": figures.images, "classes": counts,
                      "flagged": flagged, "flag_rate": round(flagged / job.scored, 4) if job.scored else None}
     return jsonify(body)
 

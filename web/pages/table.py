@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
 from skinscan.registry import production_model
+from skinscan.reviews import current_reviews
 from skinscan.tables import ImageRecord, Job, Prediction, Review
 from web.risk_order import NOT_SHOWN_STATUSES, ranked_ids, shown_join
 from web.risk_order import results_version as results_version  # re-exported for the pages
@@ -28,6 +29,7 @@ FIRST_DIRECTION = {"malignancy": "desc", "probability": "desc", "flag": "desc", 
                    "upload": "asc"}
 PER_PAGE = (10, 25, 50, 100, 200)
 FLAG_FILTERS = ("", "yes", "no")
+REVIEW_FILTERS = ("", "no", "yes")  # all, not reviewed yet, reviewed
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class TableQuery:
     flag: str = ""
     page: int = 1
     per_page: int = 50
+    reviewed: str = ""
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> TableQuery:
@@ -50,6 +53,7 @@ class TableQuery:
         direction = direction if direction in ("asc", "desc") else FIRST_DIRECTION[sort]
         label = args.get("class", "")
         flag = args.get("flag", "")
+        reviewed = args.get("reviewed", "")
         try:
             page = max(1, int(args.get("page", 1)))
         except ValueError:
@@ -60,14 +64,16 @@ class TableQuery:
             per_page = 50
         return cls(sort=sort, direction=direction, cls=label if label in CLASSES else "",
                    flag=flag if flag in FLAG_FILTERS else "", page=page,
-                   per_page=per_page if per_page in PER_PAGE else 50)
+                   per_page=per_page if per_page in PER_PAGE else 50,
+                   reviewed=reviewed if reviewed in REVIEW_FILTERS else "")
 
     def args(self, **changes: Any) -> dict[str, Any]:
         """Return URL arguments for this query with some fields changed (defaults left out)."""
         q = replace(self, **changes)
         out = {"sort": q.sort, "dir": q.direction, "class": q.cls, "flag": q.flag, "page": q.page,
-               "per_page": q.per_page}
-        defaults = {"sort": "malignancy", "dir": "desc", "class": "", "flag": "", "page": 1, "per_page": 50}
+               "per_page": q.per_page, "reviewed": q.reviewed}
+        defaults = {"sort": "malignancy", "dir": "desc", "class": "", "flag": "", "page": 1, "per_page": 50,
+                    "reviewed": ""}
         return {k: v for k, v in out.items() if v != defaults[k]}
 
     def sorted_by(self, column: str) -> dict[str, Any]:
@@ -93,6 +99,7 @@ class ResultRow:
     image: ImageRecord
     prediction: Prediction | None
     rank: int = 0
+    review: Review | None = None  # the current (latest) review, if any
 
 
 @dataclass
@@ -129,6 +136,11 @@ def _filtered(stmt: Select[Any], job: Job, q: TableQuery) -> Select[Any]:
         stmt = stmt.where(Prediction.flagged.is_(True))
     elif q.flag == "no":
         stmt = stmt.where(Prediction.flagged.is_(False))
+    reviewed = exists().where(Review.image_id == ImageRecord.id)
+    if q.reviewed == "yes":
+        stmt = stmt.where(reviewed)
+    elif q.reviewed == "no":
+        stmt = stmt.where(not_(reviewed))
     return stmt
 
 
@@ -145,6 +157,9 @@ def results_page(session: Session, job: Job, version: str | None, q: TableQuery)
                       .join(ranked, ranked.c.image_id == ImageRecord.id), job, q)
             .order_by(order, ImageRecord.position, ImageRecord.id).limit(q.per_page).offset((page - 1) * q.per_page))
     rows = [ResultRow(image, prediction, int(rank)) for image, prediction, rank in session.execute(stmt).all()]
+    reviews = current_reviews(session, [row.image.id for row in rows])  # one query for the page's rows
+    for row in rows:
+        row.review = reviews.get(row.image.id)
     return TablePage(rows=rows, total=total, page=page, per_page=q.per_page)
 
 

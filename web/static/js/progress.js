@@ -8,6 +8,8 @@
   var STATUS_TEXT = {uploading: "Uploading", queued: "Queued", running: "Running", done: "Done", failed: "Failed",
                      cancelled: "Cancelled"};
 
+  function n(value) { return Number(value).toLocaleString("en-US"); }  // 1,500: as the pages and the CLI write it
+
   function setText(root, role, text) {
     var el = root.querySelector('[data-role="' + role + '"]');
     if (el && el.textContent !== text) { el.textContent = text; }
@@ -22,20 +24,17 @@
   function updateTiles(root, body) {
     var t = body.tiles;
     if (!t) { return; }
-    setText(root, "flagged", String(t.flagged));
+    setText(root, "flagged", n(t.flagged));
     if (root.id !== "job-progress") { return; }  // the page's tiles follow the job page's own progress card
-    setTile('[data-tile="scored"]', String(t.scored));
-    document.querySelectorAll('[data-tile="failed"]').forEach(function (el) {
-      var text = String(t.failed - (parseInt(el.getAttribute("data-offset"), 10) || 0));
-      if (el.textContent !== text) { el.textContent = text; }
-    });
-    setTile('[data-tile="flagged"]', String(t.flagged));
-    setTile('[data-tile="flag-context"]', "of " + t.scored + " scored" +
+    setTile('[data-tile="scored"]', n(t.scored));
+    setTile('[data-tile="failed"]', n(t.failed));  // not scored: refused files are not images (skinscan.job_counts)
+    setTile('[data-tile="flagged"]', n(t.flagged));
+    setTile('[data-tile="flag-context"]', "of " + n(t.scored) + " scored" +
       (t.scored ? " (" + Math.round(100 * t.flagged / t.scored) + "%)" : ""));
     var classes = t.classes || {}, sum = 0;
     Object.keys(classes).forEach(function (c) { sum += classes[c]; });
     Object.keys(classes).forEach(function (c) {
-      setTile('[data-tile-class="' + c + '"]', String(classes[c]));
+      setTile('[data-tile-class="' + c + '"]', n(classes[c]));
       var fill = document.querySelector('[data-tile-bar="' + c + '"] .bar-fill');
       if (fill) { fill.setAttribute("width", (sum ? 100 * classes[c] / sum : 0).toFixed(2)); }
     });
@@ -46,13 +45,14 @@
     var bar = root.querySelector('[data-role="bar"]');
     if (bar) { bar.value = pct; bar.textContent = whole; }
     setText(root, "percent", whole);
-    setText(root, "total", String(c.total));
-    setText(root, "scored", String(c.scored));
-    setText(root, "failed", String(c.failed));
-    var refused = parseInt(root.getAttribute("data-refused"), 10) || 0;  // files refused at upload: not images
-    setText(root, "text", (c.scored + c.failed - refused) + " of " + (c.total - refused) + " images finished (" +
-      whole + "): " + c.scored + " scored, " + (c.failed - refused) + " could not be scored" +
-      (refused ? "; " + refused + (refused === 1 ? " file" : " files") + " refused at upload." : "."));
+    // The API's counts (skinscan.job_counts): total = images accepted, failed = not scored, refused apart.
+    setText(root, "total", n(c.total));
+    setText(root, "scored", n(c.scored));
+    setText(root, "failed", n(c.failed));
+    var refused = c.refused || 0;
+    setText(root, "text", n(c.scored + c.failed) + " of " + n(c.total) + " images finished (" +
+      whole + "): " + n(c.scored) + " scored, " + n(c.failed) + " could not be scored" +
+      (refused ? "; " + n(refused) + (refused === 1 ? " file" : " files") + " refused at upload." : "."));
     var status = root.querySelector('[data-role="status"]');
     if (status && root.getAttribute("data-status") !== body.status) {
       var badge = document.createElement("span");

@@ -24,6 +24,14 @@
 
   input.removeAttribute("required");  // dropped files do not pass through the input
 
+  // A sent batch leaves nothing behind: the next one starts with no files, no name and no labels file, also when
+  // the browser brings this page back from its history (Back) with the old values.
+  function clearForm() {
+    accepted = []; refused = []; input.value = ""; labels.value = "";
+    if (form.elements.name) { form.elements.name.value = ""; }
+  }
+  window.addEventListener("pageshow", function (e) { if (e.persisted) { clearForm(); render(); } });
+
   function extension(name) { var i = name.lastIndexOf("."); return i < 0 ? "" : name.slice(i + 1).toLowerCase(); }
   function size(bytes) {
     if (bytes >= 1073741824) { return (bytes / 1073741824).toFixed(2) + " GB"; }
@@ -156,10 +164,11 @@
       if (xhr.status === 201) {
         var notTaken = refused.concat(body.rejected || []);
         var labelNote = body.labels && body.labels.unmatched_label_rows ? body.labels.labels_summary : "";
-        if (!notTaken.length && !labelNote) { window.location.assign(body.job_url); return; }
+        if (!notTaken.length && !labelNote) { clearForm(); window.location.assign(body.job_url); return; }
         // One count everywhere: the job's images are the accepted ones; refused files are refusals, not images.
         var box = el("div", null, "alert alert-info");
-        box.appendChild(el("p", "Job created: " + body.accepted + (body.accepted === 1 ? " image" : " images") +
+        box.appendChild(el("p", "Job created: " + Number(body.accepted).toLocaleString("en-US") +
+          (body.accepted === 1 ? " image" : " images") +
           " accepted and queued for scoring."));
         if (labelNote) { box.appendChild(el("p", "Labels: " + labelNote)); }
         result.appendChild(box);
@@ -174,7 +183,7 @@
         link.href = body.job_url;
         result.appendChild(link);
         progressBox.hidden = true;
-        accepted = []; refused = []; input.value = ""; render();
+        clearForm(); render();
         link.focus();
       } else {
         progressBox.hidden = true;
