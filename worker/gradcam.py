@@ -180,6 +180,12 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
             raise BundleError(f"model version {model_version} is not registered")
         bundle, model, layer = _model_for(local_bundle(ref, settings, storage))
         png = render_heatmap(bundle, model, layer, storage.get(image.storage_key), label)
+    except ImportError as exc:  # a lean install: this bundle has no feature-map output, and PyTorch is not here
+        error = (f"heat maps of model {model_version} need PyTorch, which this worker lacks ({exc.name}): install "
+                 "the `train` extra, or use a bundle exported with its feature map")
+        _write_state(storage, _state_key(image, model_version), {"state": "error", "error": error})
+        log.warning("Grad-CAM for image %s failed: %s", image_id, error)
+        return False
     except (ImageError, BundleError, BundleStoreError) as exc:
         _write_state(storage, _state_key(image, model_version), {"state": "error", "error": str(exc)})
         log.warning("Grad-CAM for image %s failed: %s", image_id, exc)
