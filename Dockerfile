@@ -1,8 +1,9 @@
-# One image for web, worker and beat. CPU by default; docker-compose.gpu.yml gives the worker a GPU and the same
-# image uses it (torch 2.14.1 wheels from PyPI carry CUDA). A slim CPU target and a GPU target would save most
-# of the image only once torch stops being a dependency of serving (web and ONNX workers import it today), so
-# this stays one image until then.
-FROM python:3.11-slim
+# Two targets from one file:
+#   slim (the default, last stage): web, beat and a CPU worker (ONNX Runtime; heat maps from the ONNX model's feature
+#        map). No PyTorch: `pip install .`.
+#   gpu: the same plus the `gpu` extra (PyTorch with CUDA from PyPI) for a worker on an NVIDIA GPU
+#        (docker-compose.gpu.yml builds the worker from it).
+FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -11,8 +12,15 @@ COPY web ./web
 COPY worker ./worker
 COPY training ./training
 COPY migrations ./migrations
-RUN pip install --no-cache-dir . && useradd --create-home skinscan
-USER skinscan
+RUN useradd --create-home skinscan
 ENV SKINSCAN_DATA_DIR=/home/skinscan/data
 EXPOSE 8000
 CMD ["skinscan", "web"]
+
+FROM base AS gpu
+RUN pip install --no-cache-dir '.[gpu]'
+USER skinscan
+
+FROM base AS slim
+RUN pip install --no-cache-dir .
+USER skinscan

@@ -185,6 +185,9 @@ class Prediction(Base):
     confidence: Mapped[float] = mapped_column(Float)
     malignancy: Mapped[float] = mapped_column(Float)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Grad-CAM grid (rows of 0..1 values, e.g. 5 x 5) of the predicted class over the network's input, computed
+    # while scoring from the ONNX model's feature map; None for bundles without it (a worker renders those).
+    heatmap: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (UniqueConstraint("image_id", "model_version", name="uq_prediction_image_model"),
                       Index("ix_predictions_model", "model_version"))

@@ -111,9 +111,14 @@ def test_cpu_form_reserves_no_device_and_gpu_form_gives_the_worker_one() -> None
     for name in cpu["services"]:
         if name != "worker":
             assert gpu["services"][name] == cpu["services"][name], name
-    worker_cpu = {k: v for k, v in cpu["services"]["worker"].items() if k != "deploy"}
-    worker_gpu = {k: v for k, v in gpu["services"]["worker"].items() if k != "deploy"}
+    worker_cpu = {k: v for k, v in cpu["services"]["worker"].items() if k not in ("deploy", "build")}
+    worker_gpu = {k: v for k, v in gpu["services"]["worker"].items() if k not in ("deploy", "build")}
     assert worker_gpu == worker_cpu
+    # Every service runs the slim image (no PyTorch); the GPU form builds the worker from the gpu target.
+    assert {s["build"]["target"] for s in cpu["services"].values() if "build" in s} == {"slim"}
+    assert gpu["services"]["worker"]["build"] == {"context": ".", "target": "gpu"}
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert {"slim", "gpu"} <= set(stages) and stages[-1] == "slim"  # a plain `docker build .` is the slim one
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))

@@ -24,6 +24,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+# Grad-CAM without PyTorch: the ONNX model's second output is the last feature map, and this file holds the linear
+# head's weight and bias; for a global-average-pool + linear head, Grad-CAM is that map weighted by the class's row.
+FEATURES_OUTPUT = "features"
+HEATMAP_HEAD_FILE = "heatmap_head.npz"
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -93,6 +97,83 @@ def _replace_head(model: torch.nn.Module, num_classes: int) -> None:
                     head[i] = torch.nn.Linear(head[i].in_features, num_classes)
                     return
     raise BundleError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def _contains_conv(module: torch.nn.Module) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def _is_norm_or_activation(module: torch.nn.Module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.BatchNorm2d) or type(module).__module__ == "torch.nn.modules.activation"
+
+
+def find_target_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the last convolutional block of a CNN, the layer whose output feeds the pooling.
+
+    That is the last top-level child holding a Conv2d (ResNet's layer4, RegNet's trunk_output, MobileNet's and
+    EfficientNet's features) and, when it is a Sequential of blocks, its last block holding a Conv2d; when that
+    child is followed by its own normalisation or activation (timm's EfficientNet: conv_head, then bn2 with its
+    ReLU6), the last of those, so the heatmap weighs the rectified features the pooling sees.
+    """
+    import torch
+
+    children = list(model.children())
+    conv = [i for i, c in enumerate(children) if _contains_conv(c)]
+    if not conv:
+        raise ValueError(f"{type(model).__name__} has no convolutional layer to explain")
+    block = children[conv[-1]]
+    if isinstance(block, torch.nn.Sequential):
+        inner = [c for c in block.children() if _contains_conv(c)]
+        if inner:
+            block = inner[-1]
+    for child in children[conv[-1] + 1:]:
+        if not _is_norm_or_activation(child):
+            break
+        block = child
+    return block
+
+
+def linear_head(model: torch.nn.Module, layer: torch.nn.Module,
+                input_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return the (weight, bias) of the model's last Linear layer when the logits are exactly that layer applied to
+    the global average of `layer`'s output (checked on random inputs), else None (e.g. a two-layer head)."""
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return None
+    weight, bias = linears[-1].weight.detach().float(), linears[-1].bias
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float()
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+            logits = model.float().eval()(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1 or captured[0].ndim != 4 or captured[0].shape[1] != weight.shape[1]:
+        return None
+    expected = captured[0].mean(dim=(2, 3)) @ weight.T + bias
+    if logits.shape != expected.shape or not torch.allclose(logits, expected, rtol=1e-4, atol=1e-4):
+        return None
+    return weight.numpy().astype(np.float32), bias.numpy().astype(np.float32)
+
+
+def cam_grid(features: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Grad-CAM of one class from a C x h x w feature map and the class's C head weights, for a global-average-pool
+    + linear head: the gradient of the logit is weight / (h*w) everywhere, so the map is ReLU of the weighted sum,
+    scaled to 0..1 as pytorch-grad-cam does (minus the minimum, over 1e-7 plus the maximum)."""
+    features = np.asarray(features, dtype=np.float32)
+    _channels, height, width = features.shape
+    weights = np.asarray(weight, dtype=np.float32) / np.float32(height * width)
+    cam = np.maximum(np.tensordot(weights, features, axes=1), 0.0)
+    cam = cam - cam.min()
+    return (cam / (np.float32(1e-7) + cam.max())).astype(np.float32)
 
 
 def decide(probs: np.ndarray, logit_offsets: np.ndarray | None = None) -> np.ndarray:
@@ -232,6 +313,26 @@ class Bundle:
         """Return one RGB image as the network's 3 x S x S float32 input."""
         return self.normalize(np.asarray(self.resize_crop(img))[None])[0]
 
+    @property
+    def has_heatmap_output(self) -> bool:
+        """Whether the ONNX model also outputs the last feature map, so heat maps need no PyTorch."""
+        heatmap = self.meta.get("heatmap") or {}
+        return heatmap.get("output") == FEATURES_OUTPUT and (self.path / str(heatmap.get("head_file", ""))).is_file()
+
+    def heatmap_weights(self) -> np.ndarray:
+        """The head's weight matrix (classes x channels) that turns the feature map into a class's Grad-CAM."""
+        cached = self.__dict__.get("_heatmap_weights")
+        if cached is None:
+            if not self.has_heatmap_output:
+                raise BundleError(f"bundle {self.path} has no feature-map output for heat maps")
+            with np.load(self.path / self.meta["heatmap"]["head_file"], allow_pickle=False) as head:
+                cached = self.__dict__["_heatmap_weights"] = np.asarray(head["weight"], dtype=np.float32)
+        return cached
+
+    def heatmap_grid(self, features: np.ndarray, class_index: int) -> np.ndarray:
+        """The h x w Grad-CAM grid (0..1) of one class from one image's C x h x w feature map."""
+        return cam_grid(features, self.heatmap_weights()[class_index])
+
     def torch_model(self) -> torch.nn.Module:
         """Build the network and load the bundle's weights (float32, eval mode, on the CPU)."""
         import torch
@@ -266,16 +367,38 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(path=path, meta=meta)
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_size: int) -> None:
-    """Export a float32 model to ONNX with a dynamic batch dimension."""
+def export_onnx(model: torch.nn.Module, path: Path, input_size: int, features: bool = False) -> None:
+    """Export a float32 model to ONNX with a dynamic batch dimension; with features, the output of
+    find_target_layer (the last feature map, N x C x h x w) as a second output named "features"."""
     import torch
 
     model = model.float().eval().cpu()
     dummy = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(
-        model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-    )
+    outputs, axes = ["logits"], {"input": {0: "batch"}, "logits": {0: "batch"}}
+    exported: torch.nn.Module = model
+    handle = None
+    if features:
+        captured: list[torch.Tensor] = []
+        handle = find_target_layer(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+        class WithFeatures(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = self.model(x)
+                return logits, captured.pop()
+
+        exported = WithFeatures().eval()
+        outputs.append(FEATURES_OUTPUT)
+        axes[FEATURES_OUTPUT] = {0: "batch"}
+    try:
+        torch.onnx.export(exported, (dummy,), str(path), input_names=["input"], output_names=outputs,
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: bool = True) -> Bundle:
@@ -292,8 +415,20 @@ def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: b
     torch.save(state, out / WEIGHTS_FILE)
     files = [WEIGHTS_FILE]
     if onnx:
-        export_onnx(model, out / ONNX_FILE, int(meta["input_size"]))
+        layer = find_target_layer(model)
+        head = linear_head(model, layer, int(meta["input_size"]))
+        export_onnx(model, out / ONNX_FILE, int(meta["input_size"]), features=head is not None)
         files.append(ONNX_FILE)
+        if head is not None:
+            np.savez(out / HEATMAP_HEAD_FILE, weight=head[0], bias=head[1])
+            files.append(HEATMAP_HEAD_FILE)
+            names = {module: name for name, module in model.named_modules()}
+            meta = {**meta, "heatmap": {"method": "grad-cam", "output": FEATURES_OUTPUT, "layer": names[layer],
+                                        "head_file": HEATMAP_HEAD_FILE}}
+        else:
+            log.info("%s's head is not a global pool + linear layer: heat maps stay on the PyTorch path",
+                     meta.get("architecture"))
+            meta = {k: v for k, v in meta.items() if k != "heatmap"}
     meta = {
         "format_version": FORMAT_VERSION,
         "classes": list(CLASSES),

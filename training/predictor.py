@@ -1,4 +1,6 @@
-"""Batch inference on a model bundle with ONNX Runtime (CPU) or PyTorch (CPU or CUDA), with calibration."""
+"""Batch inference on a model bundle with ONNX Runtime (CPU) or PyTorch (CPU or CUDA), with calibration.
+
+PyTorch is imported only by the torch backend (the `train`/`gpu` extras): ONNX Runtime scoring runs without it."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
-from training.bundle import ONNX_FILE, Bundle, BundleError, load_bundle
-from training.calibration import softmax
+from training.bundle import FEATURES_OUTPUT, ONNX_FILE, Bundle, BundleError, find_target_layer, load_bundle
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,36 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+class CpuDevice(NamedTuple):
+    """The device of the ONNX backend, shaped like a torch.device (`.type`) without importing PyTorch."""
+
+    type: str = "cpu"
+
+    def __str__(self) -> str:
+        return self.type
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Return row-wise softmax of logits / temperature (training.calibration's, without its PyTorch import)."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch can be imported (the `train` or `gpu` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 def _cuda_available() -> bool:
-    """Return True when PyTorch sees a CUDA GPU (asked only when a predictor is built, never at import)."""
+    """Return True when PyTorch is installed and sees a CUDA GPU (asked when a predictor is built, not at import)."""
+    if not torch_installed():
+        return False
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -56,18 +87,25 @@ class Predictor:
         self.threads = threads
         self._session: Any = None
         self._input_name = ""
+        self._features = False  # the ONNX model's second output / the torch model's hook: the last feature map
+        self._captured: list[torch.Tensor] = []
         self._model: torch.nn.Module | None = None
         self._amp: torch.dtype | None = None
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
         self._scale: np.ndarray | None = None
         self._bias: np.ndarray | None = None
+        self.device: Any
         if backend == "onnx":
             if device != "cpu":
                 raise ValueError(f"the ONNX backend runs on the CPU only, not on {device!r}")
-            self.device = torch.device("cpu")
+            self.device = CpuDevice()
             self._init_onnx()
         else:
+            if not torch_installed():
+                raise BundleError("the torch backend needs PyTorch: pip install 'skinscan[train]' (or [gpu])")
+            import torch
+
             if device == "auto":
                 device = "cuda" if _cuda_available() else "cpu"
             self.device = torch.device(device)
@@ -95,9 +133,13 @@ class Predictor:
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._input_name = self._session.get_inputs()[0].name
+        outputs = [o.name for o in self._session.get_outputs()]
+        self._features = self.bundle.has_heatmap_output and outputs[1:2] == [FEATURES_OUTPUT]
 
     def _init_torch(self) -> None:
         """Build the eager model on the device, channels-last; autocast on CUDA, threads (process-wide) on CPU."""
+        import torch
+
         if self.device.type == "cuda":
             if not _cuda_available():
                 raise ValueError("device 'cuda' was asked for but PyTorch sees no GPU")
@@ -106,6 +148,9 @@ class Predictor:
         elif self.threads:
             torch.set_num_threads(int(self.threads))
         self._model = self.bundle.torch_model().to(self.device, memory_format=torch.channels_last)
+        if self.bundle.has_heatmap_output:  # the same feature map the ONNX model outputs, for the same heat maps
+            find_target_layer(self._model).register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+            self._features = True
 
     @property
     def classes(self) -> list[str]:
@@ -129,28 +174,55 @@ class Predictor:
             raise ValueError(f"expected a N x 3 x {size} x {size} batch, got shape {tuple(batch.shape)}")
         return np.ascontiguousarray(batch, dtype=np.float32)
 
+    @property
+    def has_features(self) -> bool:
+        """Whether predictions come with the last feature map (for heat maps without a PyTorch task)."""
+        return self._features
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """Return the N x C float32 logits of a preprocessed N x 3 x S x S float32 batch."""
+        return self.predict_logits_features(batch)[0]
+
+    def predict_logits_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return the N x C float32 logits and, when the bundle has them, the N x K x h x w feature maps."""
         batch = self._check(batch)
         if len(batch) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
+            return np.zeros((0, len(self.classes)), dtype=np.float32), None
         if self._session is not None:
-            return np.asarray(self._session.run(None, {self._input_name: batch})[0], dtype=np.float32)
+            outs = self._session.run(None, {self._input_name: batch})
+            feats = np.asarray(outs[1], dtype=np.float32) if self._features else None
+            return np.asarray(outs[0], dtype=np.float32), feats
+        import torch
+
         assert self._model is not None
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
-            amp = self._amp is not None
-            with torch.autocast(self.device.type, dtype=self._amp) if amp else nullcontext():
-                logits = self._model(x)
-            return logits.float().cpu().numpy()
+            return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the torch model (autocast on CUDA) on a device batch; logits and the hooked feature map."""
+        import torch
+
+        assert self._model is not None
+        self._captured.clear()
+        with torch.autocast(self.device.type, dtype=self._amp) if self._amp is not None else nullcontext():
+            logits = self._model(x)
+        feats = self._captured.pop().float().cpu().numpy() if self._features and self._captured else None
+        self._captured.clear()
+        return logits.float().cpu().numpy(), feats
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Return N x C calibrated probabilities, softmax(logits / temperature)."""
         return softmax(self.predict_logits(batch).astype(np.float64), self.temperature).astype(np.float32)
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """Return N x C calibrated probabilities of an N x S x S x 3 uint8 batch of resized, cropped images.
+        """Return N x C calibrated probabilities of an N x S x S x 3 uint8 batch of resized, cropped images."""
+        return self.predict_images_features(images)[0]
+
+    def predict_images_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return N x C calibrated probabilities of an N x S x S x 3 uint8 batch of resized, cropped images, and
+        the N x K x h x w last feature maps when the bundle has them (None otherwise).
 
         On a GPU the uint8 batch goes over (a quarter of the float32 bytes) from pinned memory without
         blocking, and is normalised there; elsewhere the bundle normalises it on the CPU.
@@ -159,14 +231,13 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
             raise ValueError(f"expected a N x {size} x {size} x 3 uint8 batch, got {images.dtype} {images.shape}")
         if self.device.type != "cuda" or len(images) == 0:
-            return self.predict(self._normalize_cpu(images))
-        assert self._model is not None
-        with torch.inference_mode():
-            x = self._device_batch(images)
-            with torch.autocast(self.device.type, dtype=self._amp) if self._amp is not None else nullcontext():
-                logits = self._model(x)
-            logits = logits.float().cpu().numpy()
-        return softmax(logits.astype(np.float64), self.temperature).astype(np.float32)
+            logits, feats = self.predict_logits_features(self._normalize_cpu(images))
+        else:
+            import torch
+
+            with torch.inference_mode():
+                logits, feats = self._torch_forward(self._device_batch(images))
+        return softmax(logits.astype(np.float64), self.temperature).astype(np.float32), feats
 
     def _normalize_cpu(self, images: np.ndarray) -> np.ndarray:
         """The bundle's normalisation, as one multiply-add written straight into N x 3 x S x S (12x faster)."""
@@ -182,6 +253,8 @@ class Predictor:
 
     def _device_batch(self, images: np.ndarray) -> torch.Tensor:
         """Move a uint8 N x S x S x 3 batch to the device (pinned, non-blocking) and normalise it there."""
+        import torch
+
         if self._mean is None or self._std is None:
             self._mean = torch.tensor(self.bundle.meta["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
             self._std = torch.tensor(self.bundle.meta["std"], device=self.device).view(1, 3, 1, 1) * 255.0
@@ -199,7 +272,7 @@ def load_predictor(
     device: str = "auto",
     threads: int | None = None,
 ) -> Predictor:
-    """Build a Predictor; "auto": torch on a GPU, else ONNX Runtime given model.onnx, else torch."""
+    """Build a Predictor; "auto": torch on a GPU, else ONNX Runtime given model.onnx, else torch (if installed)."""
     bundle = bundle_or_path if isinstance(bundle_or_path, Bundle) else load_bundle(bundle_or_path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -210,8 +283,11 @@ def load_predictor(
             backend = "torch"
         elif (bundle.path / ONNX_FILE).is_file():
             backend = "onnx"
-        else:
+        elif torch_installed():
             backend = "torch"
+        else:
+            raise BundleError(f"bundle {bundle.path} has no {ONNX_FILE} and PyTorch is not installed "
+                              "(pip install 'skinscan[train]' to score it with PyTorch)")
     if device == "auto":
         device = "cuda" if backend == "torch" and _cuda_available() else "cpu"
     return Predictor(bundle, backend=backend, device=device, threads=threads)

@@ -1,4 +1,7 @@
-"""Grad-CAM heatmaps: what the CNN looked at for one image, computed on demand and cached in storage."""
+"""Grad-CAM heatmaps of bundles without a feature-map output: computed on demand with PyTorch, cached in storage.
+
+A bundle whose ONNX model also outputs its last feature map gets each prediction's Grad-CAM grid while scoring
+(training.bundle.cam_grid; predictions.heatmap) and the web draws it: no task, no PyTorch."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from skinscan.imaging import ImageError, decode_rgb
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError
 from skinscan.tables import ImageRecord, Prediction
+from training.bundle import find_target_layer
 
 if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
     import torch
@@ -35,44 +39,6 @@ PENDING_SECONDS = 300
 _MODELS: dict[str, tuple[Bundle, torch.nn.Module, torch.nn.Module]] = {}
 _LOCK = threading.Lock()
 _CAM_LOCK = threading.Lock()
-
-
-def _contains_conv(module: torch.nn.Module) -> bool:
-    import torch
-
-    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
-
-
-def _is_norm_or_activation(module: torch.nn.Module) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.BatchNorm2d) or type(module).__module__ == "torch.nn.modules.activation"
-
-
-def find_target_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the last convolutional block of a CNN, the layer whose output feeds the pooling.
-
-    That is the last top-level child holding a Conv2d (ResNet's layer4, RegNet's trunk_output, MobileNet's and
-    EfficientNet's features) and, when it is a Sequential of blocks, its last block holding a Conv2d; when that
-    child is followed by its own normalisation or activation (timm's EfficientNet: conv_head, then bn2 with its
-    ReLU6), the last of those, so the heatmap weighs the rectified features the pooling sees.
-    """
-    import torch
-
-    children = list(model.children())
-    conv = [i for i, c in enumerate(children) if _contains_conv(c)]
-    if not conv:
-        raise ValueError(f"{type(model).__name__} has no convolutional layer to explain")
-    block = children[conv[-1]]
-    if isinstance(block, torch.nn.Sequential):
-        inner = [c for c in block.children() if _contains_conv(c)]
-        if inner:
-            block = inner[-1]
-    for child in children[conv[-1] + 1:]:
-        if not _is_norm_or_activation(child):
-            break
-        block = child
-    return block
 
 
 def _model_for(path: Path) -> tuple[Bundle, torch.nn.Module, torch.nn.Module]:
@@ -214,6 +180,12 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
             raise BundleError(f"model version {model_version} is not registered")
         bundle, model, layer = _model_for(local_bundle(ref, settings, storage))
         png = render_heatmap(bundle, model, layer, storage.get(image.storage_key), label)
+    except ImportError as exc:  # a lean install: this bundle has no feature-map output, and PyTorch is not here
+        error = (f"heat maps of model {model_version} need PyTorch, which this worker lacks ({exc.name}): install "
+                 "the `train` extra, or use a bundle exported with its feature map")
+        _write_state(storage, _state_key(image, model_version), {"state": "error", "error": error})
+        log.warning("Grad-CAM for image %s failed: %s", image_id, error)
+        return False
     except (ImageError, BundleError, BundleStoreError) as exc:
         _write_state(storage, _state_key(image, model_version), {"state": "error", "error": str(exc)})
         log.warning("Grad-CAM for image %s failed: %s", image_id, exc)

@@ -48,9 +48,9 @@ def _insert(session: Session) -> Any:
 # psycopg's query cache takes and cost ~4 ms of client CPU a chunk to re-parse.
 _INSERT_JSON_ROWS = text(
     "INSERT INTO predictions (image_id, model_version, probabilities, label, confidence, malignancy, flagged,"
-    " created_at) SELECT r.image_id, :version, r.probabilities, r.label, r.confidence, r.malignancy, r.flagged,"
-    " :created_at FROM json_to_recordset(CAST(:rows AS json)) AS r(image_id varchar, probabilities json,"
-    " label varchar, confidence float8, malignancy float8, flagged boolean)"
+    " heatmap, created_at) SELECT r.image_id, :version, r.probabilities, r.label, r.confidence, r.malignancy,"
+    " r.flagged, r.heatmap, :created_at FROM json_to_recordset(CAST(:rows AS json)) AS r(image_id varchar,"
+    " probabilities json, label varchar, confidence float8, malignancy float8, flagged boolean, heatmap json)"
     " ON CONFLICT (image_id, model_version) DO NOTHING RETURNING image_id")
 
 
@@ -66,14 +66,14 @@ def write_predictions(session: Session, scorer: Scorer, results: list[Scored]) -
             "image_id": r.image_id, "model_version": scorer.version, "probabilities": r.probabilities,
             "label": r.label, "confidence": max(r.probabilities.values()),
             "malignancy": round(scorer.malignancy(r.probabilities), 6), "flagged": scorer.flagged(r.probabilities),
-            "created_at": now,
+            "heatmap": r.heatmap, "created_at": now,
         }
         for r in results if r.probabilities is not None
     ]
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":
-        fields = ("image_id", "probabilities", "label", "confidence", "malignancy", "flagged")
+        fields = ("image_id", "probabilities", "label", "confidence", "malignancy", "flagged", "heatmap")
         document = json.dumps([{f: r[f] for f in fields} for r in rows])
         return len(session.execute(_INSERT_JSON_ROWS, {"rows": document, "version": scorer.version,
                                                        "created_at": now}).all())

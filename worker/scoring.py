@@ -28,6 +28,7 @@ class Scored:
     probabilities: dict[str, float] | None = None
     error: str | None = None
     decision: str | None = None  # the bundle's decision rule's class (None: the highest probability)
+    heatmap: list[list[float]] | None = None  # Grad-CAM grid (0..1) of the decided class, when the bundle has one
 
     @property
     def label(self) -> str:
@@ -84,6 +85,10 @@ class Scorer:
         """Return N x C probabilities of prepared crops (normalised on the GPU when there is one)."""
         return self.predictor.predict_images(np.stack(batch))
 
+    def predict_batch_features(self, batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return N x C probabilities of prepared crops and their last feature maps (None without them)."""
+        return self.predictor.predict_images_features(np.stack(batch))
+
     def _load(self, storage: Storage, key: str) -> np.ndarray | ImageError:
         data = storage.get(key)  # StorageError propagates: the task retries
         return self._safe_prepare(data)
@@ -131,17 +136,20 @@ class Scorer:
                 future.cancel()
 
     def _predict(self, ids: list[str], batch: list[np.ndarray]) -> Iterator[Scored]:
-        probs = self.predict_batch(batch)
+        probs, feats = self.predict_batch_features(batch)
         classes = self.bundle.classes
         decisions = self.bundle.decide(probs)
-        for image_id, row, d in zip(ids, probs, decisions, strict=True):
+        for i, (image_id, row, d) in enumerate(zip(ids, probs, decisions, strict=True)):
+            grid = None if feats is None else self.bundle.heatmap_grid(feats[i], int(d))
             yield Scored(image_id, {c: round(float(p), 6) for c, p in zip(classes, row, strict=True)}, None,
-                         classes[int(d)])
+                         classes[int(d)], None if grid is None else np.round(grid, 5).tolist())
 
 
 def _worker_device(device: str) -> str:
     """With several GPUs, give each worker process its own: pool process i takes GPU i modulo the count."""
-    if device != "auto":
+    from training.predictor import torch_installed
+
+    if device != "auto" or not torch_installed():
         return device
     import torch
 

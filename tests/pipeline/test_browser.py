@@ -218,8 +218,10 @@ def test_clinic_workflow_in_chromium(live_server, browser, isic2017_dir, tmp_pat
     driver.find_element(By.CSS_SELECTOR, "#results-table tbody tr[data-image-id] td.col-file a").click()
     wait_for(lambda: "/images/" in driver.current_url, 30, "the image page did not open")
     assert "Class probabilities" in driver.page_source
+    # A worker's PNG (bundles without a feature-map output) or the kept grid drawn on the image by the page.
     wait_for(lambda: driver.execute_script(
-        "const i = document.getElementById('heatmap-image'); return i && !i.hidden && i.complete && i.naturalWidth;"),
+        "const i = document.getElementById('heatmap-image'); const c = document.getElementById('heatmap-canvas');"
+        "return (i && !i.hidden && i.complete && i.naturalWidth) || (c && !c.hidden && c.width);"),
         240, "the Grad-CAM heatmap did not load")
     assert driver.execute_script("return document.querySelector('img.lesion').naturalWidth") > 0
     shot(driver, "05-image")

@@ -112,7 +112,8 @@ def test_the_review_screen_fits_1400x1000_and_the_table_shows_review_state(serve
              "the heat map was not computed")
     SHOTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(SHOTS / "first-week-review-1400x1000.png"))
-    for element in ("review-save", "review-note", "decision-agree", "heatmap-image"):
+    heat = "heatmap-canvas" if driver.find_elements(By.ID, "heatmap-canvas") else "heatmap-image"
+    for element in ("review-save", "review-note", "decision-agree", heat):
         box = _visible_in_window(driver, element)
         assert 0 <= box["top"] and box["bottom"] <= box["height"] and box["right"] <= box["width"], (element, box)
     lesion = driver.find_element(By.CSS_SELECTOR, "img.lesion")

@@ -1,5 +1,5 @@
 """A chunk's predictions written to PostgreSQL by the worker's one-statement insert (column arrays): every value
-read back as written, a redelivered chunk writes nothing and moves no counter."""
+(the heat-map grid too) read back as written, a redelivered chunk writes nothing and moves no counter."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_chunk_predictions_round_trip_on_postgres(stack: Any, api: Api) -> None:
     probs = [dict.fromkeys(CLASSES, 0.0) | {"mel": 0.9, "nv": 0.1}, dict.fromkeys(CLASSES, 0.0) | {"nv": 1.0},
              {c: round(1 / len(CLASSES), 6) for c in CLASSES} | {"bcc": 0.25}]
     results = [Scored(i, p) for i, p in zip(ids, probs, strict=True)]
+    results[0].heatmap = [[0.0, 0.5], [1.0, 0.25]]  # a Grad-CAM grid kept with the prediction; the others have none
     _, todo = claim_chunk(job_id, ids, settings)
     assert len(todo) == 3
     record_results(job_id, _Rules(version), results, settings)
@@ -55,6 +56,7 @@ def test_chunk_predictions_round_trip_on_postgres(stack: Any, api: Api) -> None:
             assert row.label == result.label and row.confidence == max(result.probabilities.values())
             assert row.malignancy == pytest.approx(_Rules(version).malignancy(result.probabilities))
             assert row.flagged is _Rules(version).flagged(result.probabilities) and row.created_at is not None
+            assert row.heatmap == result.heatmap
         job = session.get(Job, job_id)
         assert (job.status, job.scored, job.failed) == ("done", 3, 0)
         assert write_predictions(session, _Rules(version), results) == 0  # the same chunk again

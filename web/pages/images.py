@@ -112,6 +112,18 @@ def _shown(image: ImageRecord) -> tuple[Job, str | None, Prediction | None]:
     return job, version, prediction_for(db(), image, version)
 
 
+def _grid_heatmap(prediction: Prediction, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The heat map kept with the prediction (a Grad-CAM grid the page draws on the image), or None without one.
+
+    Its geometry is the network's input: the whole image in "squash" mode, else the centre square of side
+    min(width, height) * input_size / resize_size (worker.gradcam.display_crop's)."""
+    if not prediction.heatmap or not meta.get("input_size") or not meta.get("resize_size"):
+        return None
+    mode = str(meta.get("resize_mode", "crop"))
+    return {"state": "grid", "grid": prediction.heatmap, "mode": mode,
+            "crop": 1.0 if mode == "squash" else round(int(meta["input_size"]) / int(meta["resize_size"]), 6)}
+
+
 def _ask_heatmap(image: ImageRecord, version: str) -> dict[str, Any]:
     """The heatmap's state, asking a worker for it if needed; the page still works when the broker is down."""
     from worker.gradcam import request_heatmap
@@ -154,7 +166,7 @@ def _render_image(image: ImageRecord, form: dict[str, str] | None = None, error:
     probabilities = sorted((prediction.probabilities or {}).items(), key=lambda kv: -kv[1]) if prediction else []
     heatmap = None
     if prediction is not None and version and image.storage_key:
-        heatmap = _ask_heatmap(image, version)
+        heatmap = _grid_heatmap(prediction, model.meta if model else {}) or _ask_heatmap(image, version)
     history = review_history(session, image.id)
     neighbours = risk_neighbours(session, job, version, image)
     next_review = next_flagged_unreviewed(session, job, version, image)
@@ -217,6 +229,9 @@ def heatmap(image_id: str):  # type: ignore[no-untyped-def]
     _job, version, prediction = _shown(image)
     if prediction is None or version is None or not image.storage_key:
         return jsonify({"state": "unavailable", "error": "this image has no prediction to explain"}), 404
+    model = db().get(ModelVersion, version)
+    if (grid := _grid_heatmap(prediction, model.meta if model else {})) is not None:
+        return jsonify(grid)
     body = _ask_heatmap(image, version)
     return jsonify(body), 202 if body["state"] == "pending" else 200
 
