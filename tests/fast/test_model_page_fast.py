@@ -69,8 +69,8 @@ def test_model_page_shows_test_figures_points_and_counts(app: Flask, settings: A
     html = page.text
     assert "Referral operating points" in html and "style=" not in html.split("<main", 1)[-1]
     assert html.index("HAM10000 test") < html.index("Validation split")  # held-out figures come first
-    assert "HAM10000: 7000 training images, 1430 validation, 1431 test" in html
-    assert "ISIC-2017_Training_Part3_GroundTruth.csv: 1995 training images" in html
+    assert "HAM10000: 7,000 training images, 1,430 validation, 1,431 test" in html
+    assert "ISIC-2017_Training_Part3_GroundTruth.csv: 1,995 training images" in html
     assert f"<strong>{in_use}</strong>" in html
     assert "77.0%" in html and "69.2%" not in html  # no multiclass figure for a melanoma-only set
 
