@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from skinscan.bundle_store import local_bundle
+from skinscan.bundle_store import BundleStoreError, local_bundle
 from skinscan.db import session_scope
 from skinscan.registry import bundle_ref
 from skinscan.settings import Settings, load_settings
@@ -222,7 +222,13 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
         return 0
     with session_scope(settings) as session:
         ref = bundle_ref(session, version)
-    path = local_bundle(ref, settings)  # fetched from object storage into this machine's cache, verified
+    try:
+        path = local_bundle(ref, settings)  # fetched from object storage into this machine's cache, verified
+    except BundleStoreError as exc:  # damaged in storage: retrying cannot help, fail the chunk with the reason
+        from worker.bundle_failures import fail_for_unusable_bundle
+
+        fail_for_unusable_bundle(job_id, [i for i, _, _ in todo], version, exc, settings)
+        return 0
     scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
                         referral_sensitivity=settings.referral_sensitivity)
     storage = get_storage(settings)
