@@ -290,22 +290,3 @@ def stalled_jobs(settings: Settings) -> list[str]:
             select(Job.id).where(Job.status.in_(("queued", "running")), Job.updated_at < cutoff)
         ))
 
-
-def fail_stale_uploads(settings: Settings) -> int:
-    """Fail jobs left 'uploading' with no new part for upload_timeout_seconds (a client or the web died)."""
-    cutoff = utcnow() - timedelta(seconds=settings.upload_timeout_seconds)
-    reason = (f"the upload was never finished (no new part for {settings.upload_timeout_seconds} seconds); "
-              "submit the images again")
-    with session_scope(settings) as session:
-        jobs = list(session.scalars(select(Job).where(Job.status == "uploading", Job.updated_at < cutoff)
-                                    .with_for_update(skip_locked=True)))
-        for job in jobs:
-            session.execute(update(ImageRecord).where(ImageRecord.job_id == job.id, ImageRecord.status == "pending")
-                            .values(status="failed", error="the upload of this job was never finished"))
-            session.flush()
-            counts = dict(session.execute(select(ImageRecord.status, func.count()).where(ImageRecord.job_id == job.id)
-                                          .group_by(ImageRecord.status)).all())
-            job.total, job.scored, job.failed = sum(counts.values()), counts.get("scored", 0), counts.get("failed", 0)
-            job.status, job.error, job.finished_at, job.updated_at = "failed", reason, utcnow(), utcnow()
-            log.warning("job %s: upload never finished; marked failed", job.id)
-        return len(jobs)
