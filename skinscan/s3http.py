@@ -211,7 +211,7 @@ class _DeadlineResponse(http.client.HTTPResponse):
     def __init__(self, sock: socket.socket, *args: Any, end: float, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
         raw = self.fp.detach()  # the SocketIO under http.client's buffered reader, not closed
-        self.fp = io.BufferedReader(_DeadlineReader(sock, raw, end), 65536)  # type: ignore[assignment]
+        self.fp = io.BufferedReader(_DeadlineReader(sock, raw, end))  # type: ignore[assignment]
 
 
 class _DeadlineMixin:
