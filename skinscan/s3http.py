@@ -41,9 +41,9 @@ class DeadlineExceeded(TimeoutError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """One policy for every storage call: each try waits at most `timeout` seconds for the server (connect, each
-    read and write), tries are spaced by exponential backoff with full jitter, and the whole operation, tries and
-    waits together, ends by `deadline` seconds after it began."""
+    """One policy for every storage call: each try (connect, send, answer) lasts at most `timeout` seconds with
+    the presigned client (with boto3, each wait for the server does), tries are spaced by exponential backoff with
+    full jitter, and the whole operation, tries and waits together, ends by `deadline` seconds after it began."""
 
     timeout: float = 10.0
     deadline: float = 15.0
