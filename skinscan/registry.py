@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.bundle_health import clear_unusable
 from skinscan.bundle_store import BundleRef, BundleStoreError, StoredBundle, local_bundle, upload_bundle
 from skinscan.labels import CLASSES
 from skinscan.settings import Settings, load_settings
@@ -255,8 +256,18 @@ def register_bundle(session: Session, path: Path, actor: str, image: bytes | Non
     if row is not None and row.checksum != checksum:
         raise RegistryError(f"version {bundle.version} is registered already with other weights; "
                             "give the new bundle its own version")
-    if row is not None and row.storage_prefix is not None:
+    if row is not None and row.storage_prefix is not None and row.bundle_error is None:
         log.info("model %s is registered already (stored under %s)", row.version, row.storage_prefix)
+        return row
+    if row is not None and row.storage_prefix is not None:  # found damaged in storage: store it again
+        stored = _store(path, bundle.version, settings)
+        if stored.prefix != row.storage_prefix:
+            raise RegistryError(f"the bundle at {path} is not the one registered as {row.version}")
+        audit.record(session, "model.store", actor, target_type="model", target_id=row.version,
+                     details={"path": str(path), "repaired": row.bundle_error, "storage_prefix": stored.prefix})
+        clear_unusable(session, row.version)
+        session.refresh(row)
+        log.info("model %s stored again under %s (was unusable: %s)", row.version, stored.prefix, row.bundle_error)
         return row
     stored = _store(path, bundle.version, settings)
     legacy = row is not None
@@ -350,6 +361,7 @@ def _switch(session: Session, target: ModelVersion, current: ModelVersion | None
     if current is not None:
         current.status = "retired"
         session.flush()
+    target.bundle_error = target.bundle_error_at = None  # fetched and verified intact just now
     target.status, target.promoted_at = "production", utcnow()
     session.flush()
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.labels import CLASSES
 from skinscan.tables import ImageRecord, Job, Prediction, Review
+from skinscan.textcheck import unstorable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def clean_review(decision: str | None, diagnosis: str | None, note: str | None) 
             raise ReviewError(f"the note is {len(note)} characters long; at most {NOTE_MAX_CHARS} are kept")
         if any(ord(ch) < 32 and ch not in "\n\t" for ch in note):
             raise ReviewError("the note contains control characters; use plain text")
+        if unstorable(note):
+            raise ReviewError(f"the note contains {unstorable(note)}; use plain text")
     return decision, diagnosis, note
 
 

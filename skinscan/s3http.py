@@ -7,22 +7,29 @@ VM; here the request is signed by botocore's own SigV4 query signer (S3SigV4Quer
 (one keep-alive connection per thread and host). Every PUT carries a Content-MD5 (checked by the server before it
 stores anything) and an x-amz-checksum-crc32 (stored with the object), both among the signed headers, so a URL
 replayed or a body changed on the way cannot store other bytes; every GET asks for the stored CRC32 and checks the
-bytes it received against it. Proxies, listing, deletes and everything else stay with boto3.
+bytes it received against it. HEAD and DELETE go the same way; listings, bucket checks and everything behind a
+proxy stay with boto3. Every call runs under one RetryPolicy: a timeout per try, jittered backoff between tries and
+an overall deadline that bounds every connect, send and read.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.client
+import io
 import logging
 import os
+import random
+import socket
 import ssl
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from botocore.auth import S3SigV4QueryAuth
@@ -35,6 +42,69 @@ URL_EXPIRES = 60
 CRC32_HEADER = "x-amz-checksum-crc32"
 # Statuses worth another try (the server is busy or restarting), as the AWS SDKs do.
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+T = TypeVar("T")
+
+
+class DeadlineExceeded(TimeoutError):
+    """An object operation used up its overall deadline (every try and backoff included)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """One policy for every storage call: each try (connect, send, answer) lasts at most `timeout` seconds with
+    the presigned client (with boto3, each wait for the server does), tries are spaced by exponential backoff with
+    full jitter, and the whole operation, tries and waits together, ends by `deadline` seconds after it began."""
+
+    timeout: float = 10.0
+    deadline: float = 15.0
+    backoff: float = 0.2
+    backoff_max: float = 2.0
+    tries: int = 5  # at most, however fast the failures come (a server answering 503 at once)
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait before try `attempt + 1` (full jitter: uniform in [0, base * 2**attempt])."""
+        return random.uniform(0, min(self.backoff_max, self.backoff * 2 ** attempt))  # noqa: S311 - not crypto
+
+    def run(self, what: str, call: Callable[[float, float], T], retryable: Callable[[BaseException], bool],
+            give_up_when: Callable[[T], bool] = lambda _: True, try_timeout_floor: float = 0.0) -> T:
+        """Call `call(try_timeout, end)` until it succeeds, a non-retryable error, or the deadline.
+
+        `call` gets this try's timeout (at most `timeout`, never past the deadline) and the deadline as a
+        time.monotonic() value. A result for which give_up_when() is false (a 5xx answer) is tried again while
+        time is left, and returned as it is on the last try. A try is started only with at least
+        `try_timeout_floor` seconds left (a client that cannot be given a shorter timeout per call).
+        """
+        end = time.monotonic() + max(self.deadline, self.timeout)
+        attempt = 0
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or left < try_timeout_floor:
+                raise DeadlineExceeded(f"{what}: no answer within the {max(self.deadline, self.timeout):g} s deadline "
+                                       f"({attempt} tries)")
+            try:
+                result = call(min(self.timeout, left), end)
+            except BaseException as exc:
+                if not retryable(exc):
+                    raise
+                failure: BaseException | None = exc
+            else:
+                failure = None
+                if give_up_when(result):
+                    return result
+            attempt += 1
+            if attempt >= self.tries:
+                if failure is not None:
+                    raise failure
+                return result
+            pause = self.pause(attempt - 1)
+            left = end - time.monotonic()
+            if pause >= left or left - pause < max(try_timeout_floor, 0.05):
+                if failure is not None:
+                    raise DeadlineExceeded(f"{what}: gave up at the {max(self.deadline, self.timeout):g} s deadline "
+                                           f"after {attempt} tries: {failure}") from failure
+                return result
+            log.debug("%s: try %d failed (%s); again in %.2f s", what, attempt, failure or "retryable answer", pause)
+            time.sleep(pause)
 
 
 @dataclass(frozen=True)
@@ -121,6 +191,70 @@ class Presigner:
         return f"{url.path}?{url.query}"
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each given only the time left before the deadline (a server trickling bytes cannot
+    hold the call past it)."""
+
+    def __init__(self, sock: socket.socket, raw: Any, end: float) -> None:
+        self._sock, self._raw, self._end = sock, raw, end  # raw: the socket's SocketIO (keeps it open while read)
+
+    def readable(self) -> bool:
+        """A reader."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Read what the socket has, waiting no longer than the deadline."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the storage server did not answer before the deadline")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Release the socket's reference (the connection decides whether it stays open)."""
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTP response read under the request's deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, end: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        raw = self.fp.detach()  # the SocketIO under http.client's buffered reader, not closed
+        self.fp = io.BufferedReader(_DeadlineReader(sock, raw, end))  # type: ignore[assignment]
+
+
+class _DeadlineMixin:
+    """Connection sends bounded by the time left, responses read under the deadline."""
+
+    sock: socket.socket | None
+    end = float("inf")
+
+    def send(self, data: Any) -> None:
+        if self.sock is not None:
+            left = self.end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the storage server did not take the request before the deadline")
+            self.sock.settimeout(left)  # sendall: the timeout bounds the whole send (Python 3.5+)
+        super().send(data)  # type: ignore[misc]
+
+    def deadline(self, end: float, try_timeout: float) -> None:
+        """Bound the next request: connect within try_timeout, every send and read by `end`."""
+        self.end = min(end, time.monotonic() + try_timeout) if try_timeout else end
+        self.timeout = max(0.001, min(try_timeout, self.end - time.monotonic()))
+        self.response_class = functools.partial(_DeadlineResponse, end=self.end)  # type: ignore[assignment]
+
+
+class _Connection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    pass
+
+
 class ObjectClient:
     """GET and PUT of whole objects over keep-alive connections, one per thread, with retries.
 
@@ -128,26 +262,23 @@ class ObjectClient:
     to the same key is safe to repeat); a connection the server closed while idle is reopened at once.
     """
 
-    def __init__(self, presigner: Presigner, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 retries: int = 4, backoff: float = 0.2, ca_file: str | None = None) -> None:
+    def __init__(self, presigner: Presigner, policy: RetryPolicy | None = None, ca_file: str | None = None) -> None:
         self.presigner = presigner
-        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.retries, self.backoff = retries, backoff
+        self.policy = policy or RetryPolicy()
         self._ssl = ssl.create_default_context(cafile=ca_file) if presigner.scheme == "https" else None
         self._local = threading.local()
         self._pid = os.getpid()
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> _Connection | _TLSConnection:
         if self._pid != os.getpid():  # a forked child (Celery's pool) never shares its parent's sockets
             self._local, self._pid = threading.local(), os.getpid()
         conn = getattr(self._local, "conn", None)
         if conn is None:
             p = self.presigner
             if self._ssl is not None:
-                conn = http.client.HTTPSConnection(p.hostname, p.port, timeout=self.connect_timeout,
-                                                   context=self._ssl)
+                conn = _TLSConnection(p.hostname, p.port, context=self._ssl)
             else:
-                conn = http.client.HTTPConnection(p.hostname, p.port, timeout=self.connect_timeout)
+                conn = _Connection(p.hostname, p.port)
             self._local.conn = conn
         return conn
 
@@ -157,13 +288,14 @@ class ObjectClient:
             conn.close()
             self._local.conn = None
 
-    def _once(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> Response:
+    def _once(self, method: str, target: str, body: bytes | None, headers: dict[str, str], try_timeout: float,
+              end: float) -> Response:
         conn = self._connection()
+        conn.deadline(end, try_timeout)
         fresh = conn.sock is None
         try:
             if fresh:
                 conn.connect()
-                conn.sock.settimeout(self.read_timeout)
             conn.request(method, target, body=body, headers=headers)
             answer = conn.getresponse()
             data = answer.read()
@@ -172,7 +304,7 @@ class ObjectClient:
             if fresh:
                 raise
             log.debug("keep-alive connection closed by the server (%s); reconnecting", exc)
-            return self._once(method, target, body, headers)  # a fresh connection, once
+            return self._once(method, target, body, headers, try_timeout, end)  # a fresh connection, once
         except BaseException:
             self._drop()
             raise
@@ -182,22 +314,14 @@ class ObjectClient:
 
     def request(self, method: str, target: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Response:
-        """Send one request (target: path and query); retry what a busy or restarting server causes."""
+        """Send one request (target: path and query) under the policy: what a busy or restarting server causes is
+        tried again, and the whole call ends by the deadline (DeadlineExceeded)."""
         headers = {"Host": self.presigner.host, **(headers or {})}
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                response = self._once(method, target, body, headers)
-            except (OSError, http.client.HTTPException) as exc:
-                if last:
-                    raise
-                log.debug("%s %s failed (%s); try %d of %d", method, target.split("?")[0], exc, attempt + 1,
-                          self.retries + 1)
-            else:
-                if response.status not in RETRY_STATUSES or last:
-                    return response
-            time.sleep(self.backoff * 2 ** attempt)
-        raise AssertionError("unreachable")
+        return self.policy.run(
+            f"{method} {target.split('?')[0]}",
+            lambda try_timeout, end: self._once(method, target, body, headers, try_timeout, end),
+            retryable=lambda exc: isinstance(exc, (OSError, http.client.HTTPException)),
+            give_up_when=lambda response: response.status not in RETRY_STATUSES)
 
 
 def frozen_credentials(source: Any) -> Credentials | None:

@@ -117,6 +117,8 @@ class Settings:
     task_max_retries: Count = 5
     sweep_interval_seconds: Positive = 60
     upload_timeout_seconds: Positive = 86_400
+    storage_timeout_seconds: Positive = 10  # one storage request, sent and answered (one try)
+    storage_deadline_seconds: Positive = 15  # one storage call, its tries and backoff included (>= the timeout)
     orphan_grace_seconds: Count = 3600
     visibility_timeout: Positive = 30
     task_time_limit: Positive = 1800

@@ -6,8 +6,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from skinscan.s3http import (
     GET_CHECKSUM,
@@ -15,6 +16,7 @@ from skinscan.s3http import (
     ObjectClient,
     Presigner,
     Response,
+    RetryPolicy,
     frozen_credentials,
     put_checksums,
     verify_get,
@@ -22,6 +24,7 @@ from skinscan.s3http import (
 from skinscan.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -115,25 +118,32 @@ class LocalStorage:
 
 
 class S3Storage:
-    """Objects in an S3-compatible bucket through boto3, with retries and timeouts.
+    """Objects in an S3-compatible bucket, every call under one retry policy with an overall deadline.
 
-    Reads (the worker's hot path, one per image scored) and writes (the web's, one per uploaded image) go over
-    skinscan.s3http: a URL presigned here by botocore's SigV4 signer and a keep-alive `http.client` connection per
-    thread. Every PUT sends Content-MD5 and x-amz-checksum-crc32 as signed headers (the server refuses other bytes
-    and keeps the CRC32), every GET checks the bytes against the stored CRC32 (StorageError if they differ). With
-    no credentials at all the requests go unsigned (a public bucket; refused in production, see get_storage).
-    Behind an HTTP proxy, boto3 does both (it knows the proxy settings), with its own checksums.
+    Reads (the worker's hot path, one per image scored), writes (the web's, one per uploaded image), existence
+    checks and deletes go over skinscan.s3http: a URL presigned here by botocore's SigV4 signer and a keep-alive
+    `http.client` connection per thread. Every PUT sends Content-MD5 and x-amz-checksum-crc32 as signed headers
+    (the server refuses other bytes and keeps the CRC32), every GET checks the bytes against the stored CRC32
+    (StorageError if they differ). With no credentials at all the requests go unsigned (a public bucket; refused in
+    production, see get_storage). Behind an HTTP proxy, and for listings and bucket checks, boto3 does the request
+    (it knows the proxy settings), with its own checksums, its own retries off and the same policy around it.
+
+    The policy (skinscan.s3http.RetryPolicy, SKINSCAN_STORAGE_TIMEOUT_SECONDS and _DEADLINE_SECONDS): a try waits
+    at most the timeout for the server, tries are spaced by jittered exponential backoff, and the call gives up
+    (StorageError) once the deadline has passed since it began, so a slow server holds a web thread or a worker
+    for one deadline, never tries x timeout.
     """
 
-    def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, bucket: str, endpoint_url: str | None = None, policy: RetryPolicy | None = None) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
+        self.policy = policy or RetryPolicy()
         config = Config(
-            retries={"max_attempts": 8, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={"total_max_attempts": 1},  # tries are the policy's (one deadline for the whole call)
+            connect_timeout=self.policy.timeout,
+            read_timeout=self.policy.timeout,
             max_pool_connections=32,
             s3={"addressing_style": "path"},
         )
@@ -145,13 +155,19 @@ class S3Storage:
             from botocore.httpsession import get_cert_path
 
             presigner = Presigner(self.client.meta.endpoint_url, self.client.meta.region_name or "us-east-1")
-            self._objects = ObjectClient(presigner, connect_timeout=5, read_timeout=30,
+            self._objects = ObjectClient(presigner, self.policy,
                                          ca_file=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
     @property
     def signed(self) -> bool:
         """Whether requests are signed (some credentials were found); False: a public bucket, anonymously."""
         return frozen_credentials(self._credentials) is not None
+
+    def _boto(self, what: str, call: Callable[[], T]) -> T:
+        """Run a boto3 call under the policy: retried while it fails for a reason worth another try, never
+        started with less than one timeout left before the deadline."""
+        return self.policy.run(what, lambda _timeout, _end: call(), retryable=_boto_retryable,
+                               try_timeout_floor=self.policy.timeout)
 
     def _target(self, method: str, key: str, content_type: str | None = None,
                 headers: dict[str, str] | None = None) -> str:
@@ -167,7 +183,8 @@ class S3Storage:
         """Upload bytes to the bucket."""
         try:
             if self._objects is None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+                self._boto(f"PUT {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                                                        ContentType=content_type))
                 return
             checksums = put_checksums(data)
             response = self._objects.request("PUT", self._target("PUT", key, content_type, checksums), body=data,
@@ -183,7 +200,8 @@ class S3Storage:
         """Download an object's bytes."""
         try:
             if self._objects is None:
-                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                return self._boto(f"GET {key}", lambda: self.client.get_object(Bucket=self.bucket,
+                                                                               Key=key)["Body"].read())
             response = self._objects.request("GET", self._target("GET", key, headers=GET_CHECKSUM),
                                              headers=GET_CHECKSUM)
         except StorageError:
@@ -204,11 +222,20 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
+            if self._objects is not None:
+                response = self._objects.request("HEAD", self._target("HEAD", key))
+                if response.status == 200:
+                    return True
+                if response.status != 404:
+                    raise StorageError(f"cannot check object {key}: HTTP {response.status} {response.reason}")
+            else:
+                self._boto(f"HEAD {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+                return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise StorageError(f"cannot check object {key}: {exc}") from exc
+        except StorageError:
+            raise
         except Exception as exc:  # noqa: BLE001 - connection errors and timeouts are outages, not answers
             raise StorageError(f"cannot check object {key}: {exc}") from exc
         self._check_bucket()  # a HEAD answers 404 alike for a missing object and a missing bucket
@@ -219,7 +246,7 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._boto(f"HEAD bucket {self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(f"bucket {self.bucket} does not exist") from exc
@@ -230,23 +257,40 @@ class S3Storage:
     def delete(self, key: str) -> None:
         """Delete an object (no error if absent)."""
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            if self._objects is None:
+                self._boto(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+                return
+            response = self._objects.request("DELETE", self._target("DELETE", key))
+        except StorageError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot delete object {key}: {exc}") from exc
+        if response.status not in (200, 204, 404):
+            raise StorageError(f"cannot delete object {key}: HTTP {response.status} {_reason(response)}")
 
     def list_keys(self, prefix: str, older_than: float | None = None) -> list[str]:
-        """Return the keys of the bucket's objects that start with prefix (every page of the listing)."""
+        """Return the keys of the bucket's objects that start with prefix (every page of the listing; each page
+        one call under the policy)."""
+        keys: list[str] = []
+        token: str | None = None
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-            return [o["Key"] for page in pages for o in page.get("Contents", [])
-                    if older_than is None or o["LastModified"].timestamp() < older_than]
+            while True:
+                args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+                if token:
+                    args["ContinuationToken"] = token
+                page = self._boto(f"LIST {prefix}", lambda args=args: self.client.list_objects_v2(**args))
+                keys += [o["Key"] for o in page.get("Contents", [])
+                         if older_than is None or o["LastModified"].timestamp() < older_than]
+                token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+                if not token:
+                    return keys
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot list objects under {prefix}: {exc}") from exc
 
     def check(self) -> None:
         """HEAD the bucket."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._boto(f"HEAD bucket {self.bucket}", lambda: self.client.head_bucket(Bucket=self.bucket))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"bucket {self.bucket} unreachable: {exc}") from exc
 
@@ -256,6 +300,18 @@ class S3Storage:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception:  # noqa: BLE001
             self.client.create_bucket(Bucket=self.bucket)
+
+
+def _boto_retryable(exc: BaseException) -> bool:
+    """Whether a boto3 call's error is worth another try: connection errors, timeouts, 5xx and throttling."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout")
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, OSError))
 
 
 def _proxied() -> bool:
@@ -278,7 +334,9 @@ def get_storage(settings: Settings | None = None) -> Storage:
     key = (settings.s3_bucket, settings.s3_endpoint_url, str(settings.images_dir))
     if key not in _STORAGES:
         if settings.s3_bucket:
-            storage = S3Storage(settings.s3_bucket, settings.s3_endpoint_url)
+            policy = RetryPolicy(timeout=settings.storage_timeout_seconds,
+                                 deadline=max(settings.storage_deadline_seconds, settings.storage_timeout_seconds))
+            storage = S3Storage(settings.s3_bucket, settings.s3_endpoint_url, policy)
             if settings.production and not storage.signed:
                 raise ConfigError("refusing unsigned object storage in production: no S3 credentials found "
                                   "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an instance role)")

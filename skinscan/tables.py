@@ -89,6 +89,9 @@ class ModelVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="registered")  # registered|production|retired
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why the stored bundle cannot be used (a checksum mismatch a machine found), until it is stored again.
+    bundle_error: Mapped[str | None] = mapped_column(Text)
+    bundle_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class NightlyClaim(Base):

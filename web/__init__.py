@@ -48,6 +48,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
 
     errors.register(app)
     ratelimit.init_app(app)
+    from web import unstorable
+
+    unstorable.init_app(app)  # after the rate limits, so a refused request still counts
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     from web import api_model_versions

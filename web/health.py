@@ -29,7 +29,8 @@ def _check_broker() -> None:
 
 @bp.get("/readyz")
 def readyz():  # type: ignore[no-untyped-def]
-    """Readiness: database, broker and storage all reachable (503 naming what is not)."""
+    """Readiness: database, broker and storage all reachable (503 naming what is not); "degraded" (200) naming the
+    production model when its stored bundle was found unusable (jobs fail until it is registered again)."""
     from skinscan.db import ping
 
     checks: dict[str, str] = {}
@@ -42,4 +43,19 @@ def readyz():  # type: ignore[no-untyped-def]
             log.warning("readiness check %s failed: %s", name, exc)
             checks[name] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
+    body: dict[str, object] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if ok:
+        problem = _production_bundle_problem()
+        checks["model"] = "ok" if problem is None else f"error: production bundle {problem[0]} is unusable"
+        if problem is not None:
+            # This web process still serves pages and results: it stays ready (200), and says what is wrong.
+            body["status"], body["model_error"] = "degraded", problem[1]
+    return jsonify(body), 200 if ok else 503
+
+
+def _production_bundle_problem() -> tuple[str, str] | None:
+    """(version, error) when a machine found the production model's stored bundle unusable."""
+    from skinscan.bundle_health import production_bundle_problem
+    from web.context import db
+
+    return production_bundle_problem(db())

@@ -107,7 +107,7 @@ def _not_signin(per: Callable[[], int]) -> Callable[[], bool]:
 
 
 def _failed_signin(response: Response) -> bool:
-    return response.status_code == 401
+    return response.status_code in (400, 401)  # 400: an email no account can have (a NUL byte)
 
 
 def _per_account() -> int:

@@ -16,11 +16,61 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from celery import bootsteps
 
 log = logging.getLogger(__name__)
+
+
+class LeaseSupportError(RuntimeError):
+    """The installed kombu lacks a private field lease renewal reads: renewal would silently do nothing."""
+
+
+# What lease renewal and the sweeper read of kombu's Redis transport (private API, checked at worker start).
+CHANNEL_FIELDS = ("qos", "QoS", "unacked_key", "unacked_index_key", "conn_or_acquire")
+QOS_FIELDS = {"_delivered": Mapping, "_dirty": (set, frozenset)}
+
+
+class _ProbeChannel:
+    """Just enough of a channel to build a QoS object and read its fields (restores nothing when collected)."""
+
+    do_restore = False
+
+
+def missing_lease_fields(channel_class: Any = None) -> list[str]:
+    """Return the kombu fields lease renewal needs that the Redis channel class (and its QoS) lacks."""
+    if channel_class is None:
+        from kombu.transport.redis import Channel as channel_class
+    name = channel_class.__name__
+    missing = [f"{name}.{field}" for field in CHANNEL_FIELDS if not hasattr(channel_class, field)]
+    qos_class = getattr(channel_class, "QoS", None)
+    if qos_class is None:
+        return missing
+    try:
+        qos = qos_class(_ProbeChannel())
+    except Exception as exc:  # noqa: BLE001 - a changed constructor is a missing field too
+        return [*missing, f"{qos_class.__name__}(channel) ({type(exc).__name__}: {exc})"]
+    collect = getattr(qos, "_on_collect", None)
+    if collect is not None:
+        collect.cancel()  # the probe has no messages to restore
+    for field, kind in QOS_FIELDS.items():
+        if not isinstance(getattr(qos, field, None), kind):
+            missing.append(f"{qos_class.__name__}.{field}")
+    return missing
+
+
+def require_lease_support(channel_class: Any = None) -> None:
+    """Raise LeaseSupportError naming every missing field unless lease renewal can work with this kombu."""
+    missing = missing_lease_fields(channel_class)
+    if missing:
+        from importlib.metadata import version
+
+        raise LeaseSupportError(
+            f"kombu {version('kombu')} lacks {', '.join(missing)}, which lease renewal (worker/leases.py) reads: "
+            "without them every task running longer than the visibility timeout would be delivered twice. "
+            "Install the kombu and celery versions pinned in pyproject.toml.")
 
 
 def lease_interval(visibility_timeout: int) -> float:
@@ -30,19 +80,16 @@ def lease_interval(visibility_timeout: int) -> float:
 
 def held_delivery_tags(channel: Any) -> list[str]:
     """Delivery tags of the messages this channel holds unacknowledged (empty for other transports)."""
-    qos = getattr(channel, "qos", None)
-    delivered = getattr(qos, "_delivered", None)
-    if not delivered:
-        return []
-    done = getattr(qos, "_dirty", set())
-    return [tag for tag in list(delivered) if tag not in done]
+    qos = channel.qos  # fields checked at worker start (require_lease_support)
+    done = qos._dirty
+    return [tag for tag in list(qos._delivered) if tag not in done]
 
 
 def renew_leases(channel: Any) -> int:
     """Mark every message the channel holds as delivered now (only those still unacked); return how many."""
     tags = held_delivery_tags(channel)
-    index = getattr(channel, "unacked_index_key", None)
-    if not tags or index is None:
+    index = channel.unacked_index_key
+    if not tags:
         return 0
     now = time.time()
     with channel.conn_or_acquire() as client:
@@ -81,7 +128,7 @@ def queue_snapshot(channel: Any, queue: str, depth: int = 20) -> tuple[set[str],
     kombu's Redis transport publishes with LPUSH and consumes with BRPOP from the right, and puts a message whose
     lease ran out back at the right: what waits at the right end is the oldest message in the queue.
     """
-    key = getattr(channel, "unacked_key", "unacked")
+    key = channel.unacked_key  # fields checked at worker start (require_lease_support)
     with channel.conn_or_acquire() as client:
         held_raw, length, raws = client.register_script(_SNAPSHOT)(keys=[key, queue], args=[depth])
     held = (_task_id(raw) for raw in held_raw)
@@ -97,11 +144,13 @@ class LeaseRenewal(bootsteps.StartStopStep):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.tref: Any = None
+        if _redis_broker(c.app):
+            require_lease_support()  # refuse to start a worker whose renewal would be a silent no-op
 
     def start(self, c: Any) -> None:
         """Schedule the renewal on the consumer's timer."""
         options = c.app.conf.broker_transport_options or {}
-        if not str(c.app.conf.broker_url or "").startswith(("redis://", "rediss://")):
+        if not _redis_broker(c.app):
             return
         self.tref = c.timer.call_repeatedly(lease_interval(int(options.get("visibility_timeout", 3600))),
                                             self.renew, (c,), priority=10)
@@ -126,3 +175,7 @@ class LeaseRenewal(bootsteps.StartStopStep):
     def shutdown(self, c: Any) -> None:
         """Cancel the renewal at shutdown."""
         self.stop(c)
+
+
+def _redis_broker(app: Any) -> bool:
+    return str(app.conf.broker_url or "").startswith(("redis://", "rediss://"))

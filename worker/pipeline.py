@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from skinscan.bundle_store import local_bundle
+from skinscan.bundle_store import BundleStoreError, local_bundle
 from skinscan.db import session_scope
 from skinscan.job_counts import job_counts
 from skinscan.registry import bundle_ref
@@ -244,7 +244,13 @@ def score_chunk(job_id: str, image_ids: list[str], settings: Settings | None = N
         return 0
     with session_scope(settings) as session:
         ref = bundle_ref(session, version)
-    path = local_bundle(ref, settings)  # fetched from object storage into this machine's cache, verified
+    try:
+        path = local_bundle(ref, settings)  # fetched from object storage into this machine's cache, verified
+    except BundleStoreError as exc:  # damaged in storage: retrying cannot help, fail the chunk with the reason
+        from worker.bundle_failures import fail_for_unusable_bundle
+
+        fail_for_unusable_bundle(job_id, [i for i, _, _ in todo], version, exc, settings)
+        return 0
     scorer = get_scorer(path, settings.backend, settings.threads, settings.batch_size, settings.decode_workers,
                         referral_sensitivity=settings.referral_sensitivity)
     storage = get_storage(settings)
@@ -311,22 +317,3 @@ def stalled_jobs(settings: Settings) -> list[str]:
             select(Job.id).where(Job.status.in_(("queued", "running")), Job.updated_at < cutoff)
         ))
 
-
-def fail_stale_uploads(settings: Settings) -> int:
-    """Fail jobs left 'uploading' with no new part for upload_timeout_seconds (a client or the web died)."""
-    cutoff = utcnow() - timedelta(seconds=settings.upload_timeout_seconds)
-    reason = (f"the upload was never finished (no new part for {settings.upload_timeout_seconds} seconds); "
-              "submit the images again")
-    with session_scope(settings) as session:
-        jobs = list(session.scalars(select(Job).where(Job.status == "uploading", Job.updated_at < cutoff)
-                                    .with_for_update(skip_locked=True)))
-        for job in jobs:
-            session.execute(update(ImageRecord).where(ImageRecord.job_id == job.id, ImageRecord.status == "pending")
-                            .values(status="failed", error="the upload of this job was never finished"))
-            session.flush()
-            counts = dict(session.execute(select(ImageRecord.status, func.count()).where(ImageRecord.job_id == job.id)
-                                          .group_by(ImageRecord.status)).all())
-            job.total, job.scored, job.failed = sum(counts.values()), counts.get("scored", 0), counts.get("failed", 0)
-            job.status, job.error, job.finished_at, job.updated_at = "failed", reason, utcnow(), utcnow()
-            log.warning("job %s: upload never finished; marked failed", job.id)
-        return len(jobs)

@@ -64,10 +64,12 @@ def requeue_stalled() -> int:
     return total
 
 
-@celery_app.task(name="worker.tasks.fail_stale_uploads")
+@celery_app.task(name="worker.tasks.fail_stale_uploads")  # the name beat schedules (kept across releases)
 def fail_stale_uploads() -> int:
-    """Mark jobs whose upload was never finished as failed, with the reason (they never look running)."""
-    return pipeline.fail_stale_uploads(load_settings())
+    """Close multi-part uploads never started: scored as a job with what they hold, or failed if they hold none."""
+    from worker.stale_uploads import close_stale_uploads
+
+    return close_stale_uploads(load_settings())
 
 
 @celery_app.task(name="worker.tasks.sweep_orphans")

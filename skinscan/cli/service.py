@@ -196,7 +196,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # status polls stay fast while a job runs, and the worker still gets every cycle nobody else wants.
         os.nice(settings.worker_nice)
     from worker.celery_app import celery_app
+    from worker.leases import LeaseSupportError, require_lease_support
 
+    if settings.redis_url:
+        try:
+            require_lease_support()
+        except LeaseSupportError as exc:
+            raise SystemExit(f"refusing to start the worker: {exc}") from None
     celery_app.worker_main(["worker", "--queues", args.queues, "--concurrency", str(concurrency),
                             "--loglevel", settings.log_level, "--hostname", args.hostname])
     return 0

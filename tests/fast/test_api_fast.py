@@ -42,7 +42,7 @@ def test_api_needs_a_valid_key_and_health_needs_none(client, api: Api) -> None: 
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.get_json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    assert ready.get_json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok", "model": "ok"}
 
 
 def test_job_is_committed_then_enqueued_in_chunks(api: Api, settings: Any, sent: SentTasks, jpeg: Jpeg) -> None:

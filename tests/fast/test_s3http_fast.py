@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from skinscan.s3http import Credentials, ObjectClient, Presigner
+from skinscan.s3http import Credentials, ObjectClient, Presigner, RetryPolicy
 
 KEYS = ["clinic/job/0001.jpg", "a b/c+d~e=f&g.jpg", "unicodé/ñ.png", "x/y//z.tif"]
 
@@ -94,8 +94,8 @@ def server():
 
 
 def _client(httpd: ThreadingHTTPServer, retries: int = 4) -> ObjectClient:
-    return ObjectClient(Presigner(f"http://127.0.0.1:{httpd.server_port}", "us-east-1"), retries=retries,
-                        backoff=0.01)
+    return ObjectClient(Presigner(f"http://127.0.0.1:{httpd.server_port}", "us-east-1"),
+                        RetryPolicy(tries=retries + 1, backoff=0.01))
 
 
 def test_busy_server_is_tried_again(server: ThreadingHTTPServer) -> None:
@@ -121,7 +121,7 @@ def test_connection_closed_while_idle_is_reopened(server: ThreadingHTTPServer) -
 
 
 def test_unreachable_server_raises() -> None:
-    client = ObjectClient(Presigner("http://127.0.0.1:9", "us-east-1"), retries=1, backoff=0.01)
+    client = ObjectClient(Presigner("http://127.0.0.1:9", "us-east-1"), RetryPolicy(tries=2, backoff=0.01))
     with pytest.raises(OSError):
         client.request("GET", "/b/k?sig")
 

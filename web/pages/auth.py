@@ -14,6 +14,7 @@ from sqlalchemy import select
 from skinscan import audit
 from skinscan.security import verify_password
 from skinscan.tables import User
+from skinscan.textcheck import unstorable
 from web.context import db
 from web.errors import wants_json
 from web.pages.common import page_blueprint, safe_next
@@ -81,6 +82,10 @@ def signin():  # type: ignore[no-untyped-def]
     address = request.remote_addr or "unknown"
     # Failed attempts (401) are counted per account and per address by web.ratelimit, which answers
     # signin_refused() before this view runs once either limit is reached.
+    if unstorable(email):  # no account has it (a query with it fails on PostgreSQL); counted as a failure (400)
+        log.warning("failed sign-in with an unstorable email from %s", address)
+        flash("Email or password is not right: the email contains a character no address has.", "error")
+        return render_template("signin.html", next=target, email=""), 400
     user = db().scalars(select(User).where(User.email == email)).first() if email else None
     if not verify_password(user, password):
         log.warning("failed sign-in for %r from %s", email, address)

@@ -12,6 +12,7 @@ from flask import abort, render_template, send_file
 from markupsafe import Markup
 from sqlalchemy import select
 
+from skinscan.bundle_health import record_unusable
 from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
 from skinscan.registry import production_model
 from skinscan.storage import StorageError
@@ -69,6 +70,9 @@ def bundle_folder(row: ModelVersion) -> Path | None:
         folder = local_bundle(ref, settings())
     except (BundleStoreError, StorageError) as exc:
         log.error("the bundle of model %s cannot be shown: %s", row.version, exc)
+        if isinstance(exc, BundleStoreError):  # damaged in storage: every machine should know (jobs, /readyz)
+            record_unusable(settings(), row.version, str(exc))
+            db().refresh(row)
         return None
     return folder if folder.is_dir() else None
 
