@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 bp = page_blueprint("model")
 
 MODEL_CARD = "MODEL_CARD.md"
-PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+_(confusion|roc|reliability)\.png$")
+PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+_(confusion|roc|reliability|robustness)\.png$")
 ALIGN_STYLE = re.compile(r'style="text-align: (left|right|center);"')
-PLOT_TITLES = {"confusion": "Confusion matrix", "roc": "ROC curves", "reliability": "Reliability (calibration)"}
+PLOT_TITLES = {"confusion": "Confusion matrix", "roc": "ROC curves", "reliability": "Reliability (calibration)",
+               "robustness": "Robustness to other clinics' image differences"}
 
 
 def render_markdown(text: str) -> Markup:
@@ -139,7 +140,7 @@ def show():  # type: ignore[no-untyped-def]
 @bp.get("/model/plots/<name>")
 @login_required
 def plot(name: str):  # type: ignore[no-untyped-def]
-    """A plot PNG from the production model's bundle (only *_confusion/_roc/_reliability.png)."""
+    """A plot PNG from the production model's bundle (only *_confusion/_roc/_reliability/_robustness.png)."""
     row = production_model(db())
     if row is None or not PLOT_NAME.match(name):
         abort(404)
