@@ -45,6 +45,14 @@ def _probs(malignancy: float, label: str = "mel") -> dict[str, float]:
     return probs
 
 
+def _default_point() -> dict[str, float]:
+    """The shipped bundle's default (92% sensitivity) referral operating point, as its metadata records it."""
+    from skinscan.bundles import default_bundle_path
+
+    meta = json.loads((default_bundle_path() / "metadata.json").read_text())
+    return next(p for p in meta["referral"]["operating_points"] if p["target_sensitivity"] == 0.92)
+
+
 def _score(settings: Any, job_id: str, scores: dict[str, tuple[float, str]], threshold: float = 0.18,
            finish: bool = True) -> None:
     """Write predictions as the worker would: file name -> (malignancy, predicted label); then refresh the job."""
@@ -258,7 +266,8 @@ def test_exports_follow_the_pages_risk_order_with_the_flag_reason(app: Flask, se
     assert [r["image_id"] for r in exported][:4] == order and len(exported) == 5
     assert [r["filename"] for r in exported] == ["high.jpg", "mid.jpg", "edge.jpg", "low.jpg", "broken.jpg"]
     assert [r["risk_rank"] for r in exported] == ["1", "2", "3", "4", "5"]
-    assert exported[1]["flag_reason"] == ("malignant probability 0.41 >= threshold 0.18 "
+    point = _default_point()
+    assert exported[1]["flag_reason"] == (f"malignant probability 0.41 >= threshold {point['threshold']:.2f} "
                                           "(92% sensitivity operating point)")
     assert exported[3]["flag_reason"] == "" and exported[4]["flag_reason"] == ""
     api_csv = list(csv.DictReader(io.StringIO(api.get(f"/api/v1/jobs/{job_id}/results?format=csv").text)))
@@ -266,7 +275,8 @@ def test_exports_follow_the_pages_risk_order_with_the_flag_reason(app: Flask, se
     as_json = json.loads(staff.get(f"/jobs/{job_id}/results.json").data)
     assert [r["image_id"] for r in as_json["results"]][:4] == order
     assert [r["risk_rank"] for r in as_json["results"]] == [1, 2, 3, 4, 5]
-    assert as_json["results"][0]["flag_reason"].startswith("malignant probability 0.91 >= threshold 0.18")
+    assert as_json["results"][0]["flag_reason"].startswith(
+        f"malignant probability 0.91 >= threshold {point['threshold']:.2f}")
 
 
 def test_flag_reason_names_an_unsure_model() -> None:
@@ -298,8 +308,10 @@ def test_job_page_shows_name_flag_rate_operating_point_and_table(app: Flask, set
     assert "Monday clinic &lt;batch 7&gt;" in html and "<batch 7>" not in html
     assert re.search(r'data-tile="flagged">2</a>\s*<span class="stat-context" data-tile="flag-context">of 3 scored '
                      r'\(67%\)</span>', html)
-    assert "the threshold <strong>0.180</strong>" in html and "92% sensitivity operating point" in html
-    assert "specificity 60.3%" in html
+    point = _default_point()
+    assert f"the threshold <strong>{point['threshold']:.3f}</strong>" in html
+    assert "92% sensitivity operating point" in html
+    assert f"specificity {100 * point['specificity']:.1f}%" in html
     assert ">Rank</abbr>" in html and "P(predicted class)" in html
     assert ('<span class="fname-stem">ISIC_0000001.dermoscopy</span><span class="fname-ext">.jpeg</span>' in html)
     assert '<span class="fname-stem">b&lt;i&gt;</span>' in html
