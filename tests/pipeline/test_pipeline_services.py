@@ -125,7 +125,8 @@ def test_clinics_are_isolated_and_keys_required(stack, api, isic_test_images):
 def test_readiness_reports_each_service(stack, api):
     """/readyz checks database, broker and storage; it names storage when the S3 server is cut off."""
     ok = api.client.get("/readyz").get_json()
-    assert ok["status"] == "ok" and set(ok["checks"]) == {"database", "broker", "storage"}
+    assert ok["status"] == "ok" and set(ok["checks"]) == {"database", "broker", "storage", "model"}
+    assert ok["checks"]["model"] == "ok"  # the production bundle is not marked unusable
     stack.s3_proxy.cut()
     try:
         resp = api.client.get("/readyz")

@@ -96,6 +96,9 @@ def test_signin_redirect_stays_on_this_site(stack) -> None:  # type: ignore[no-u
         token = csrf_token(client.get("/jobs").text)
     for raw in HOSTILE_NEXT:  # already signed in: GET /signin redirects at once
         resp = client.get(f"/signin?next={raw}")
+        if "%00" in raw:  # a NUL byte cannot be stored or echoed: refused with 400 before any redirect
+            assert resp.status_code == 400 and "Location" not in resp.headers, (raw, resp.status_code)
+            continue
         assert resp.status_code == 302, (raw, resp.status_code, resp.text[:200])
         assert_on_site(resp.headers["Location"], raw)
     kept = client.get("/signin?next=" + quote("/jobs/abc?page=2&sort=malignancy", safe=""))
