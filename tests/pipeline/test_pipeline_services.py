@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
 from skinscan.tables import ImageRecord, Prediction
+from training.bundle import decide, load_bundle
 
 pytestmark = [pytest.mark.services]
 
@@ -26,7 +28,7 @@ def prediction_counts(settings, job_id: str) -> dict[str, int]:
     return {i: n for i, n in rows}
 
 
-def test_full_path_on_real_services(stack, api, isic_test_images):
+def test_full_path_on_real_services(stack, api, isic_test_images, service_bundle):
     """Upload 120 ISIC 2017 test images with ground truth plus a corrupt one; everything comes back."""
     files, labels = isic_test_images(120)
     corrupt = ("truncated.jpg", files[0][1][:2500])
@@ -53,7 +55,10 @@ def test_full_path_on_real_services(stack, api, isic_test_images):
     good = by_name[files[5][0]]
     assert good["status"] == "scored" and set(good["probabilities"]) == set(CLASSES)
     assert abs(sum(good["probabilities"].values()) - 1) < 1e-3
-    assert good["predicted_label"] == max(good["probabilities"], key=good["probabilities"].get)
+    # The label is the bundle's decision: arg-max of log-probability plus its class-prior offsets.
+    offsets = load_bundle(service_bundle, verify=False).logit_offsets
+    row = np.array([[good["probabilities"][c] for c in CLASSES]])
+    assert good["predicted_label"] == CLASSES[int(decide(row, offsets)[0])]
     assert 0 <= good["malignancy_score"] <= 1 and good["true_label"] in ("mel", "bkl", "nv")
 
     csv_resp = api.client.get(f"/api/v1/jobs/{body['id']}/results?format=csv", headers=api.headers())
