@@ -298,18 +298,23 @@ def variant_balanced_accuracy(net: torch.nn.Module, data: RunData, device: torch
     return out
 
 
-def evaluate(net: torch.nn.Module, data: RunData, device: torch.device) -> Evaluation:
-    """Score a network on the validation split, its robustness variants and each extra validation set."""
-    logits = predict_logits(net, data.val_images, data.mean, data.std, device)
-    report = classification_report(data.labels[data.val_idx], softmax(logits))
-    variant_ba = variant_balanced_accuracy(net, data, device)
+def extra_melanoma_auc(net: torch.nn.Module, data: RunData, device: torch.device) -> dict[str, float | None]:
+    """Melanoma AUC of a network on each extra validation set (None where a set has one class only)."""
     extra: dict[str, float | None] = {}
     mel = CLASSES.index("mel")
     for ev in data.extra_val:
         probs = softmax(predict_logits(net, ev.images, data.mean, data.std, device))
         extra[ev.name] = (float(roc_auc_score(ev.melanoma, probs[:, mel]))
                           if 0 < ev.melanoma.sum() < len(ev.melanoma) else None)
-    return Evaluation(report, variant_ba, extra, selection_score(report, variant_ba))
+    return extra
+
+
+def evaluate(net: torch.nn.Module, data: RunData, device: torch.device) -> Evaluation:
+    """Score a network on the validation split, its robustness variants and each extra validation set."""
+    logits = predict_logits(net, data.val_images, data.mean, data.std, device)
+    report = classification_report(data.labels[data.val_idx], softmax(logits))
+    variant_ba = variant_balanced_accuracy(net, data, device)
+    return Evaluation(report, variant_ba, extra_melanoma_auc(net, data, device), selection_score(report, variant_ba))
 
 
 def validate(state: TrainState, data: RunData, device: torch.device, entry: dict[str, Any], best_path: Path) -> None:
@@ -374,7 +379,7 @@ def calibrate(model: torch.nn.Module, data: RunData, cfg: TrainConfig, device: t
         points=operating_points(y_malignant, score), before=classification_report(y_val, softmax(logits)),
         after=classification_report(y_val, probs),
         corrected=classification_report(y_val, probs, logit_offsets=offsets), variant_ba=variant_ba,
-        extra_auc=evaluate(model, data, device).extra_auc, n_malignant=int(y_malignant.sum()),
+        extra_auc=extra_melanoma_auc(model, data, device), n_malignant=int(y_malignant.sum()),
     )
 
 

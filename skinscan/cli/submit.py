@@ -140,28 +140,20 @@ def collect(sources: list[Path], labels: Path | None) -> tuple[list[Path], list[
     return chosen, skipped
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def batch_key(parts: list[list[Path]], labels: Path | None) -> str:
     """The batch's key: a hash of its files' names and contents in upload order, how they are split into parts,
     and the labels file. The same command on the same files gives the same key, so the server answers with the
     job it started (and the parts it has): a re-run resumes it instead of uploading everything again."""
     import hashlib
 
+    from training.bundle import sha256_file
+
     digest = hashlib.sha256(b"skinscan-batch-1\n")
     for i, part in enumerate(parts):
         for path in part:
-            digest.update(f"{i}\t{path.name}\t{_file_sha256(path)}\n".encode())
+            digest.update(f"{i}\t{path.name}\t{sha256_file(path)}\n".encode())
     if labels is not None:
-        digest.update(f"labels\t{_file_sha256(labels)}\n".encode())
+        digest.update(f"labels\t{sha256_file(labels)}\n".encode())
     return digest.hexdigest()[:48]
 
 
