@@ -13,9 +13,9 @@ import logging
 from flask import Flask, jsonify, request
 
 from skinscan.imaging import ImageError, decode_rgb
+from skinscan.model.bundle import load_bundle
+from skinscan.model.predictor import load_predictor
 from skinscan.settings import load_settings
-from training.bundle import load_bundle
-from training.predictor import load_predictor
 
 log = logging.getLogger(__name__)
 

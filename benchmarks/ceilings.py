@@ -31,8 +31,8 @@ def _model_worker(bundle_path: str, backend: str, threads: int, batch: int, seco
                   barrier: Any, queue: Any) -> None:
     """Forward passes on one in-memory batch for a fixed time; put (images, seconds) on the queue."""
     _limit_threads(threads)
-    from training.bundle import load_bundle
-    from training.predictor import load_predictor
+    from skinscan.model.bundle import load_bundle
+    from skinscan.model.predictor import load_predictor
 
     bundle = load_bundle(bundle_path, verify=False)
     predictor = load_predictor(bundle, backend=backend, device="cpu", threads=threads)
@@ -52,7 +52,7 @@ def _compute_worker(bundle_path: str, backend: str, threads: int, batch: int, se
                     images: list[bytes], barrier: Any, queue: Any) -> None:
     """Decode, preprocess and score in-memory JPEG bytes in one loop for a fixed time; put (images, seconds)."""
     _limit_threads(threads)
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
     from worker.scoring import Scorer
 
     bundle = load_bundle(bundle_path, verify=False)

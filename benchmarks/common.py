@@ -61,7 +61,7 @@ def resolve_bundle(model: Path | None, cache: Path) -> Path:
         return DEFAULT_BUNDLE_DIR
     out = cache / "bench-untrained"
     if not (out / "metadata.json").is_file():
-        from training.bundle import create_model, save_bundle
+        from training.export import create_model, save_bundle
 
         log.warning("no default bundle yet: building an untrained tf_efficientnet_lite0 (same size and speed) in %s",
                     out)

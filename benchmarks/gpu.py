@@ -75,8 +75,8 @@ def model_ceiling(bundle_path: Path, batch_sizes: list[int], seconds: float) -> 
     import numpy as np
     import torch
 
-    from training.bundle import load_bundle
-    from training.predictor import load_predictor
+    from skinscan.model.bundle import load_bundle
+    from skinscan.model.predictor import load_predictor
 
     bundle = load_bundle(bundle_path)
     predictor = load_predictor(bundle, backend="torch", device="cuda")
@@ -100,7 +100,7 @@ def model_ceiling(bundle_path: Path, batch_sizes: list[int], seconds: float) -> 
 
 def compute_ceiling(bundle_path: Path, images: list[bytes], batch: int, workers: int, seconds: float) -> dict[str, Any]:
     """Section 2: decode + preprocess + model of in-memory JPEG bytes, and decode alone, images/s."""
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
     from worker.scoring import Scorer
 
     scorer = Scorer(load_bundle(bundle_path), backend="torch", batch_size=batch, decode_workers=workers,
@@ -124,8 +124,8 @@ def nvjpeg_ceiling(bundle_path: Path, images: list[bytes], batch: int, seconds: 
     import torchvision
     from torchvision.transforms.v2 import functional as F
 
-    from training.bundle import load_bundle
-    from training.predictor import load_predictor
+    from skinscan.model.bundle import load_bundle
+    from skinscan.model.predictor import load_predictor
 
     bundle = load_bundle(bundle_path)
     predictor = load_predictor(bundle, backend="torch", device="cuda")

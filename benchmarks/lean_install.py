@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "ISIC2017" / "ISIC-2017_Test_v2_Data"
 SERVING_MODULES = ("web", "web.pages.images", "worker.tasks", "worker.scoring", "worker.gradcam", "worker.pipeline",
                    "skinscan.cli", "skinscan.cli.service", "skinscan.cli.submit", "skinscan.registry",
-                   "training.predictor")
+                   "skinscan.model.predictor")
 TORCH_MODULES = ("torch", "torchvision", "timm", "pytorch_grad_cam")
 
 

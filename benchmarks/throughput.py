@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bundle_version(path: Path) -> str:
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
 
     return load_bundle(path, verify=False).version
 

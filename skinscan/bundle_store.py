@@ -92,7 +92,7 @@ def storage_prefix(version: str, checksum: str) -> str:
 
 def bundle_files(folder: Path) -> dict[str, str]:
     """Return {relative name: SHA-256} of every file in a bundle folder (hidden files and caches left out)."""
-    from training.bundle import sha256_file  # one file hash for training and serving (no torch import)
+    from skinscan.model.bundle import sha256_file  # one file hash for training and serving (no torch import)
 
     if not folder.is_dir():
         raise BundleStoreError(f"{folder} is not a bundle folder")
@@ -142,7 +142,7 @@ def _read_manifest(data: bytes, ref: BundleRef, where: str) -> dict[str, str]:
 
 def verify_folder(folder: Path, ref: BundleRef) -> str | None:
     """Return None when a cached folder holds the registered bundle intact, else what is wrong with it."""
-    from training.bundle import sha256_file  # one file hash for training and serving (no torch import)
+    from skinscan.model.bundle import sha256_file  # one file hash for training and serving (no torch import)
 
     try:
         files = _read_manifest((folder / MANIFEST_FILE).read_bytes(), ref, str(folder))
@@ -176,7 +176,7 @@ def _machine_lock(cache: Path, checksum: str) -> Iterator[None]:
 
 def _fetch(ref: BundleRef, storage: Storage, final: Path, cache: Path) -> None:
     """Download a bundle into a temporary folder of the cache, verify every file, then rename it to final."""
-    from training.bundle import BundleError, load_bundle
+    from skinscan.model.bundle import BundleError, load_bundle
 
     assert ref.prefix is not None
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".fetch-"))

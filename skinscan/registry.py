@@ -20,7 +20,7 @@ from skinscan.storage import get_storage
 from skinscan.tables import AuditEvent, ModelVersion, utcnow
 
 if TYPE_CHECKING:
-    from training.bundle import Bundle
+    from skinscan.model.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _store(path: Path, version: str, settings: Settings | None) -> StoredBundle:
 
 def _add_version(session: Session, path: Path, stored: StoredBundle) -> ModelVersion:
     """Insert the row of a stored bundle (or fill in the storage of a row registered before bundles were stored)."""
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
 
     bundle = load_bundle(path)
     row = session.get(ModelVersion, bundle.version)
@@ -87,7 +87,7 @@ _LOCAL_NOTED: set[Any] = set()  # versions (and ("legacy", version)) this proces
 
 def _note_local_bundle(current: ModelVersion, settings: Settings) -> None:
     """Log, once per process, when this machine's configured bundle is not the registered production model."""
-    from training.bundle import BundleError, load_bundle
+    from skinscan.model.bundle import BundleError, load_bundle
 
     if current.version in _LOCAL_NOTED:
         return
@@ -104,7 +104,7 @@ def _note_local_bundle(current: ModelVersion, settings: Settings) -> None:
 def _store_legacy(session: Session, row: ModelVersion, settings: Settings) -> None:
     """Once per process: upload the bundle of a production row registered before bundles were stored, when this
     machine's configured bundle is that very version (same weights), and record where it lies."""
-    from training.bundle import BundleError, load_bundle
+    from skinscan.model.bundle import BundleError, load_bundle
 
     if ("legacy", row.version) in _LOCAL_NOTED:
         return
@@ -129,7 +129,7 @@ def ensure_production_model(session: Session, settings: Settings) -> ModelVersio
     process puts its configured bundle in production and every other one uses that (and says so). Once a model
     is in production it stays until an explicit `skinscan models promote` or `rollback`.
     """
-    from training.bundle import BundleError, load_bundle
+    from skinscan.model.bundle import BundleError, load_bundle
 
     current = production_model(session)
     if current is not None:
@@ -198,7 +198,7 @@ def _synthetic_image() -> bytes:
 
 def check_bundle(path: Path, image: bytes | None = None, backend: str = "auto") -> Bundle:
     """Check a bundle before it is registered: metadata, checksums, and that it loads and scores an image."""
-    from training.bundle import WEIGHTS_FILE, BundleError, load_bundle
+    from skinscan.model.bundle import WEIGHTS_FILE, BundleError, load_bundle
     from worker.scoring import Scorer
 
     try:
@@ -349,7 +349,7 @@ def _switch(session: Session, target: ModelVersion, current: ModelVersion | None
             settings: Settings | None = None) -> None:
     """Put target in production and retire current, verifying that target's bundle is still intact (fetched
     from object storage and checked against its checksum)."""
-    from training.bundle import BundleError, load_bundle
+    from skinscan.model.bundle import BundleError, load_bundle
 
     ref = BundleRef(target.version, target.storage_prefix, target.bundle_checksum, target.path)
     try:

@@ -92,7 +92,7 @@ class Settings:
     model_path: UserPath | None = None
     production: bool = False  # SKINSCAN_ENV=production (or development, the default)
     chunk_size: Positive = 32
-    batch_size: Count = 0  # 0: the best measured for the backend (training.predictor.BATCH_SIZES)
+    batch_size: Count = 0  # 0: the best measured for the backend (skinscan.model.predictor.BATCH_SIZES)
     backend: Backend = "auto"
     threads: Count = 0
     decode_workers: Count = 0

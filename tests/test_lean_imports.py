@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = ("web", "web.pages.images", "worker.tasks", "worker.scoring", "worker.gradcam", "worker.pipeline",
            "worker.rescore", "skinscan.cli", "skinscan.cli.service", "skinscan.cli.submit", "skinscan.registry",
-           "training.predictor", "training.bundle")
+           "skinscan.model.predictor", "skinscan.model.bundle")
 BLOCK = """
 import importlib.machinery, sys
 class NoTorch(importlib.machinery.PathFinder):  # the path finder, blind to PyTorch's packages: as if not installed
@@ -40,7 +40,7 @@ def test_serving_modules_import_without_torch() -> None:
 
 
 def test_scoring_and_heat_maps_without_torch(tmp_path: Path, ham_dir: Path) -> None:
-    from training.bundle import create_model, save_bundle
+    from training.export import create_model, save_bundle
 
     bundle = tmp_path / "resnet18"
     save_bundle(create_model("resnet18", 7), bundle, {
@@ -50,7 +50,7 @@ def test_scoring_and_heat_maps_without_torch(tmp_path: Path, ham_dir: Path) -> N
     out = _run("""
 import sys
 from pathlib import Path
-from training.bundle import load_bundle
+from skinscan.model.bundle import load_bundle
 from worker.scoring import Scorer
 scorer = Scorer(load_bundle(sys.argv[1]), backend="auto")
 assert scorer.predictor.backend == "onnx" and scorer.predictor.has_features

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from skinscan.imaging import decode_rgb
-from training.bundle import METADATA_FILE, ONNX_FILE, Bundle, BundleError, load_bundle
+from skinscan.model.bundle import METADATA_FILE, ONNX_FILE, Bundle, BundleError, load_bundle
+from skinscan.model.predictor import Predictor, load_predictor
 from training.calibration import softmax
-from training.predictor import Predictor, load_predictor
 
 
 @pytest.fixture()
@@ -153,7 +153,7 @@ def test_importing_leaves_cuda_alone() -> None:
         "    raise SystemExit('CUDA was queried at import time')",
         "for name in ('is_available', 'init', '_lazy_init', 'device_count', 'is_bf16_supported'):",
         "    setattr(torch.cuda, name, touched)",
-        "import skinscan.bundles, training.predictor, training.evaluate",
+        "import skinscan.bundles, skinscan.model.predictor, training.evaluate",
         "assert not torch.cuda.is_initialized()",
         "print('ok')",
     ])

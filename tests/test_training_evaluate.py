@@ -15,7 +15,7 @@ from PIL import Image
 import skinscan.bundles
 from skinscan.cli import main
 from skinscan.labels import CLASSES
-from training.bundle import BundleError, load_bundle, sha256_file
+from skinscan.model.bundle import BundleError, load_bundle, sha256_file
 from training.evaluate import _tta_logits, age_band, evaluate
 from training.perturb import VARIANTS
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from skinscan.labels import CLASSES
-from training.calibration import operating_points, referral_threshold
-from training.metrics import (
+from skinscan.model.metrics import (
     classification_report,
     expected_calibration_error,
     reliability_bins,
     sensitivity_at_specificity,
 )
+from training.calibration import operating_points, referral_threshold
 from training.splits import KNOWN_DUPLICATES
 
 MEL, NV, BCC = CLASSES.index("mel"), CLASSES.index("nv"), CLASSES.index("bcc")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skinscan.model.bundle import decide, resize_crop
+from skinscan.model.metrics import classification_report
 from training import perturb
-from training.bundle import decide, resize_crop
 from training.calibration import fit_logit_offsets
-from training.metrics import classification_report
 from training.rundata import source_balanced_weights, variant_subset
 
 

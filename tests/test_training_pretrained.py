@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from training.bundle import create_model
+from skinscan.model.bundle import TIMM_ARCHITECTURES, is_timm_architecture
+from training.export import create_model
 from training.pretrained import (
+    WEIGHT_PACKAGES,
     PretrainedWeightsError,
     create_timm_model,
     imagenet_preprocessing,
     imagenet_weights_file,
-    is_timm_architecture,
 )
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -68,6 +69,7 @@ def test_skinscan_model_gets_imagenet_backbone_and_new_head() -> None:
     assert torch.equal(model.conv_stem.weight, reference["_conv_stem.weight"])
     assert model.get_classifier().out_features == 7
     assert is_timm_architecture("tf_efficientnet_lite0") and not is_timm_architecture("regnet_y_400mf")
+    assert set(WEIGHT_PACKAGES) == set(TIMM_ARCHITECTURES)  # the serving side's timm names have installed weights
     assert imagenet_preprocessing("tf_efficientnet_lite0")["mean"] == [0.5, 0.5, 0.5]
 
 

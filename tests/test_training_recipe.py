@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from skinscan.labels import CLASSES
-from training.bundle import BundleError, referral_threshold
+from skinscan.model.bundle import BundleError, referral_threshold
+from skinscan.model.colour import apply_colour_constancy, shades_of_gray
 from training.calibration import operating_points
-from training.colour import apply_colour_constancy, shades_of_gray
 from training.config import TrainConfig
 from training.partial_labels import allowed_classes, allowed_mask, partial_label_loss
 from training.train import make_scheduler

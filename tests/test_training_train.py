@@ -17,8 +17,9 @@ import torchvision
 
 from skinscan.cli import main
 from skinscan.labels import CLASSES
-from training.bundle import BundleError, create_model, load_bundle
+from skinscan.model.bundle import BundleError, load_bundle
 from training.config import TrainConfig
+from training.export import create_model
 from training.rundata import prepare
 from training.splits import read_splits
 

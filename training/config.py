@@ -6,7 +6,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from training.colour import METHODS as COLOUR_METHODS
+from skinscan.model.colour import METHODS as COLOUR_METHODS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's word

@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from skinscan.imaging import ImageError, decode_rgb
 from skinscan.labels import MALIGNANT
-from training.bundle import METADATA_FILE, Bundle, load_bundle
+from skinscan.model.bundle import METADATA_FILE, Bundle, load_bundle
+from skinscan.model.metrics import ECE_BINS, classification_report, expected_calibration_error, reliability_bins
+from skinscan.model.predictor import Predictor, load_predictor
 from training.calibration import flag_figures, softmax
 from training.datasets import Dataset, DatasetError, Sample, read_dataset
-from training.metrics import ECE_BINS, classification_report, expected_calibration_error, reliability_bins
 from training.perturb import VARIANT_HELP, VARIANTS, apply_variant
-from training.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from skinscan.labels import CLASS_NAMES
-from training.bundle import load_bundle
+from skinscan.model.bundle import load_bundle
 
 # Licences of the collections SkinScan reads, by the start of the name a bundle records for them.
 LICENCES = {"HAM10000": "CC BY-NC-SA 4.0", "ISIC-2017": "CC-0", "ISIC2017": "CC-0"}

@@ -63,19 +63,6 @@ def imagenet_state_dict(model: torch.nn.Module, architecture: str) -> dict[str, 
     return mapped
 
 
-def is_timm_architecture(architecture: str) -> bool:
-    """True for architectures built with timm (EfficientNet-Lite and other timm names not in torchvision)."""
-    if architecture in WEIGHT_PACKAGES:
-        return True
-    import torchvision
-
-    if architecture in torchvision.models.list_models():
-        return False
-    import timm
-
-    return architecture in timm.list_models()
-
-
 def create_timm_model(architecture: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
     """Build a timm network; with pretrained, load the installed ImageNet weights and then give it a new head."""
     import timm

@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from skinscan.imaging import decode_rgb
 from skinscan.labels import CLASSES
-from training.bundle import resize_crop
+from skinscan.model.bundle import is_timm_architecture, resize_crop
 from training.config import TrainConfig
 from training.datasets import Dataset, Sample, read_dataset
 from training.partial_labels import allowed_mask
 from training.perturb import VARIANTS, apply_variant
-from training.pretrained import imagenet_preprocessing, is_timm_architecture
+from training.pretrained import imagenet_preprocessing
 from training.splits import (
     KNOWN_DUPLICATES,
     dhash,

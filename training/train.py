@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from skinscan.labels import CLASSES, MALIGNANT
-from training.bundle import create_model, save_bundle
+from skinscan.model.metrics import classification_report
 from training.calibration import (
     fit_logit_offsets,
     fit_temperature,
@@ -38,7 +38,7 @@ from training.calibration import (
     softmax,
 )
 from training.config import RESUMABLE, TrainConfig, add_arguments, config_from_args
-from training.metrics import classification_report
+from training.export import create_model, save_bundle
 from training.partial_labels import partial_label_loss
 from training.perturb import RandomAppearance
 from training.rundata import RunData, load_run_data

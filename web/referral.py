@@ -51,7 +51,7 @@ def deployment_sensitivity() -> float | None:
 
 def operating_point(session: Session, version: str | None, sensitivity: float | None = None) -> OperatingPoint | None:
     """Return the operating point of a registered model version at a sensitivity target (None: its default)."""
-    from training.bundle import BundleError, referral_threshold
+    from skinscan.model.bundle import BundleError, referral_threshold
 
     model = session.get(ModelVersion, version) if version else None
     meta = (model.meta or {}) if model else {}

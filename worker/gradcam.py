@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps of bundles without a feature-map output: computed on demand with PyTorch, cached in storage.
 
 A bundle whose ONNX model also outputs its last feature map gets each prediction's Grad-CAM grid while scoring
-(training.bundle.cam_grid; predictions.heatmap) and the web draws it: no task, no PyTorch."""
+(skinscan.model.bundle.cam_grid; predictions.heatmap) and the web draws it: no task, no PyTorch."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.imaging import ImageError, decode_rgb
+from skinscan.model.bundle import find_target_layer
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError
 from skinscan.tables import ImageRecord, Prediction
-from training.bundle import find_target_layer
 
 if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
     import torch
 
-    from training.bundle import Bundle
+    from skinscan.model.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _CAM_LOCK = threading.Lock()
 
 def _model_for(path: Path) -> tuple[Bundle, torch.nn.Module, torch.nn.Module]:
     """Return this process's (bundle, PyTorch model, target layer) for a bundle folder, loaded once."""
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
 
     key = str(Path(path).resolve())
     with _LOCK:
@@ -154,9 +154,9 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
     """Compute and cache one image's heatmap for the class the model version predicted; True when cached."""
     from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
     from skinscan.db import session_scope
+    from skinscan.model.bundle import BundleError
     from skinscan.registry import RegistryError, bundle_ref
     from skinscan.storage import get_storage
-    from training.bundle import BundleError
 
     settings = settings or load_settings()
     storage = get_storage(settings)

@@ -31,7 +31,7 @@ def compute_job_metrics(session: Session, job: Job) -> dict[str, Any]:
     }
     labelled = [r for r in rows if r.true_label in CLASSES]
     if labelled:
-        from training.metrics import classification_report
+        from skinscan.model.metrics import classification_report
 
         y = np.array([CLASSES.index(r.true_label) for r in labelled])
         probs = np.array([[r.probabilities[c] for c in CLASSES] for r in labelled])

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from skinscan.imaging import ImageError, decode_rgb
+from skinscan.model.bundle import Bundle, load_bundle
 from skinscan.storage import Storage
-from training.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Scorer:
 
     def __init__(self, bundle: Bundle, backend: str = "auto", threads: int = 0, batch_size: int = 0,
                  decode_workers: int = 0, device: str = "auto", referral_sensitivity: float | None = None) -> None:
-        from training.predictor import available_cores, load_predictor
+        from skinscan.model.predictor import available_cores, load_predictor
 
         self.bundle = bundle
         self.predictor = load_predictor(bundle, backend=backend, device=_worker_device(device),
@@ -147,7 +147,7 @@ class Scorer:
 
 def _worker_device(device: str) -> str:
     """With several GPUs, give each worker process its own: pool process i takes GPU i modulo the count."""
-    from training.predictor import torch_installed
+    from skinscan.model.predictor import torch_installed
 
     if device != "auto" or not torch_installed():
         return device

@@ -11,7 +11,7 @@ def default_bundle_path() -> Path:
     """Return the packaged default bundle folder, raising BundleError when no bundle is installed there."""
     path = DEFAULT_BUNDLE_DIR
     if not (path / "metadata.json").is_file():
-        from training.bundle import BundleError
+        from skinscan.model.bundle import BundleError
 
         raise BundleError(
             f"no default model bundle is installed at {path}: pass a bundle folder explicitly (--model), or "

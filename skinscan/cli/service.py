@@ -26,8 +26,8 @@ def load_settings() -> Settings:
 
 def _check_model(settings: Settings) -> None:
     """Exit with a clear message unless a model bundle is configured and loads."""
+    from skinscan.model.bundle import BundleError, load_bundle
     from skinscan.registry import configured_bundle_path
-    from training.bundle import BundleError, load_bundle
 
     try:
         path = configured_bundle_path(settings)
@@ -182,7 +182,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings.check_production()
     _warn_if_privileged(settings)
     _check_model(settings)
-    from training.predictor import available_cores
+    from skinscan.model.predictor import available_cores
 
     gpus = _cuda_devices()
     cores = available_cores()  # the cores this worker is given (affinity, cgroup quota), not the host's

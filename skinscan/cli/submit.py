@@ -146,7 +146,7 @@ def batch_key(parts: list[list[Path]], labels: Path | None) -> str:
     job it started (and the parts it has): a re-run resumes it instead of uploading everything again."""
     import hashlib
 
-    from training.bundle import sha256_file
+    from skinscan.model.bundle import sha256_file
 
     digest = hashlib.sha256(b"skinscan-batch-1\n")
     for i, part in enumerate(parts):

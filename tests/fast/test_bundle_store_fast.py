@@ -1,7 +1,7 @@
 """The bundle store without services: upload to a local storage folder, fetch into a cache atomically, checksums.
 
 The storage is the embedded LocalStorage on tmp_path (a real folder, as `skinscan serve` uses); the bundle is a
-folder with metadata.json, checksummed weights and a model card, as training.bundle writes them (no network is
+folder with metadata.json, checksummed weights and a model card, as training.export writes them (no network is
 built: the store only moves and checks files).
 """
 

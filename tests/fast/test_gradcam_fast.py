@@ -21,7 +21,7 @@ def _torchvision(arch: str) -> torch.nn.Module:
 
 
 def _timm(arch: str) -> torch.nn.Module:
-    from training.bundle import create_model
+    from training.export import create_model
 
     return create_model(arch, 7)
 
@@ -113,7 +113,7 @@ def test_heatmap_lies_on_what_the_network_saw(mode: str, expected: tuple[int, in
     over a centre crop; a crop-mode bundle's map lies on the centre square it saw."""
     from PIL import Image as PILImage
 
-    from training.bundle import Bundle
+    from skinscan.model.bundle import Bundle
     from worker.gradcam import display_crop
 
     bundle = Bundle(path=None, meta={"input_size": 64, "resize_size": 64, "resize_mode": mode})  # type: ignore[arg-type]

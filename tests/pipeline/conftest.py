@@ -34,7 +34,7 @@ def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if (default / "metadata.json").is_file():
         return default
-    from training.bundle import create_model, save_bundle
+    from training.export import create_model, save_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     model = create_model("mobilenet_v3_small", 7)

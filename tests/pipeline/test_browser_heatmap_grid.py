@@ -48,7 +48,8 @@ picture.src = document.getElementById('heatmap-figure').getAttribute('data-src')
 @pytest.fixture(scope="module", params=["squash", "crop"])
 def grid_bundle(request: pytest.FixtureRequest, service_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The service model re-saved by save_bundle (feature-map output and head), in the given resize mode."""
-    from training.bundle import load_bundle, save_bundle
+    from skinscan.model.bundle import load_bundle
+    from training.export import save_bundle
 
     source = load_bundle(service_bundle)
     meta = {k: v for k, v in source.meta.items() if k not in ("checksums", "heatmap")}
@@ -63,7 +64,7 @@ def test_the_page_draws_the_kept_grid_on_the_image(grid_bundle, browser, ham_dir
                                                    pick_ham: Callable[..., list[dict[str, str]]]):
     from selenium.webdriver.common.by import By
 
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
 
     bundle = load_bundle(grid_bundle)
     env = embedded_env(tmp_path / "data", grid_bundle)

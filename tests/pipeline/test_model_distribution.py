@@ -38,7 +38,7 @@ def tiny_bundle(out: Path, version: str, seed: int = 0) -> Path:
     """A tiny untrained bundle (as tests/pipeline/conftest.py's service_bundle) with a model card and a plot."""
     import torch
 
-    from training.bundle import create_model, save_bundle
+    from training.export import create_model, save_bundle
 
     torch.manual_seed(seed)
     save_bundle(create_model("mobilenet_v3_small", 7), out,

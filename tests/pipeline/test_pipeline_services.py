@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
+from skinscan.model.bundle import decide, load_bundle
 from skinscan.tables import ImageRecord, Prediction
-from training.bundle import decide, load_bundle
 
 pytestmark = [pytest.mark.services]
 

@@ -37,7 +37,7 @@ ARCH, SIZE = "resnet18", 64  # random ResNet-18s tell images apart (see tests/co
 
 def _scores(out: Path, images: list[bytes]) -> tuple[list[float], list[float]]:
     """Malignancy scores and top-class probabilities of a saved bundle on the images, as the worker scores them."""
-    from training.bundle import load_bundle
+    from skinscan.model.bundle import load_bundle
     from worker.scoring import Scorer
 
     scorer = Scorer(load_bundle(out), backend="torch", threads=1, decode_workers=1)
@@ -48,7 +48,7 @@ def _scores(out: Path, images: list[bytes]) -> tuple[list[float], list[float]]:
 
 def _set_referral(out: Path, threshold: float, uncertain_below: float) -> None:
     """Write referral settings into a bundle's metadata (metadata.json is not among the checksummed files)."""
-    from training.bundle import METADATA_FILE
+    from skinscan.model.bundle import METADATA_FILE
 
     meta = json.loads((out / METADATA_FILE).read_text())
     meta["referral"] = {"malignancy_threshold": threshold, "uncertain_below": uncertain_below}
@@ -67,7 +67,8 @@ def two_bundles(tmp_path_factory: pytest.TempPathFactory, isic2017_dir: Path) ->
     and referral flags agree on some of the test images and differ on others, in both directions."""
     import torch
 
-    from training.bundle import WEIGHTS_FILE, create_model, save_bundle
+    from skinscan.model.bundle import WEIGHTS_FILE
+    from training.export import create_model, save_bundle
 
     images = [p.read_bytes() for p in sorted((isic2017_dir / ISIC_TEST).glob("ISIC_*.jpg"))[:N_IMAGES]]
     root = tmp_path_factory.mktemp("registry-bundles")

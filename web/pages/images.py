@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 
 from skinscan import audit
 from skinscan.imaging import ImageError, decode_rgb
+from skinscan.model.bundle import referral_threshold
 from skinscan.reviews import (
     DECISIONS,
     NOTE_MAX_CHARS,
@@ -25,7 +26,6 @@ from skinscan.reviews import (
 )
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, ModelVersion, Prediction
-from training.bundle import referral_threshold
 from web.context import db, settings, storage
 from web.lookup import owned_image
 from web.pages.auth import login_required

@@ -14,10 +14,10 @@ from sqlalchemy import select
 
 from skinscan.bundle_health import record_unusable
 from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
+from skinscan.model.bundle import BundleError, referral_threshold
 from skinscan.registry import production_model
 from skinscan.storage import StorageError
 from skinscan.tables import ModelVersion
-from training.bundle import BundleError, referral_threshold
 from web.context import db, settings
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from training.bundle import FEATURES_OUTPUT, ONNX_FILE, Bundle, BundleError, find_target_layer, load_bundle
+from skinscan.model.bundle import FEATURES_OUTPUT, ONNX_FILE, Bundle, BundleError, find_target_layer, load_bundle
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from sklearn.metrics import (
 )
 
 from skinscan.labels import CLASSES, MALIGNANT
-from training.bundle import decide
+from skinscan.model.bundle import decide
 
 ECE_BINS = 15
 
