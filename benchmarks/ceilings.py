@@ -53,7 +53,7 @@ def _compute_worker(bundle_path: str, backend: str, threads: int, batch: int, se
     """Decode, preprocess and score in-memory JPEG bytes in one loop for a fixed time; put (images, seconds)."""
     _limit_threads(threads)
     from skinscan.model.bundle import load_bundle
-    from worker.scoring import Scorer
+    from skinscan.model.scorer import Scorer
 
     bundle = load_bundle(bundle_path, verify=False)
     scorer = Scorer(bundle, backend=backend, threads=threads, batch_size=batch, decode_workers=1)

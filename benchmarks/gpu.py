@@ -101,7 +101,7 @@ def model_ceiling(bundle_path: Path, batch_sizes: list[int], seconds: float) -> 
 def compute_ceiling(bundle_path: Path, images: list[bytes], batch: int, workers: int, seconds: float) -> dict[str, Any]:
     """Section 2: decode + preprocess + model of in-memory JPEG bytes, and decode alone, images/s."""
     from skinscan.model.bundle import load_bundle
-    from worker.scoring import Scorer
+    from skinscan.model.scorer import Scorer
 
     scorer = Scorer(load_bundle(bundle_path), backend="torch", batch_size=batch, decode_workers=workers,
                     device="cuda")

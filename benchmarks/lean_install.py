@@ -27,8 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "ISIC2017" / "ISIC-2017_Test_v2_Data"
-SERVING_MODULES = ("web", "web.pages.images", "worker.tasks", "worker.scoring", "worker.gradcam", "worker.pipeline",
-                   "skinscan.cli", "skinscan.cli.service", "skinscan.cli.submit", "skinscan.registry",
+SERVING_MODULES = ("web", "web.pages.images", "worker.tasks", "worker.gradcam", "worker.pipeline", "skinscan.cli",
+                   "skinscan.cli.service", "skinscan.cli.submit", "skinscan.model.scorer", "skinscan.model.registry",
                    "skinscan.model.predictor")
 TORCH_MODULES = ("torch", "torchvision", "timm", "pytorch_grad_cam")
 

@@ -74,7 +74,7 @@ class ConstantScorer:
 
     def score_stored(self, storage: Any, items: list[tuple[str, str]]) -> list[Any]:
         """Score stored images without reading them."""
-        from worker.scoring import Scored
+        from skinscan.model.scorer import Scored
 
         return [Scored(image_id, probabilities=self.probabilities(image_id)) for image_id, _ in items]
 

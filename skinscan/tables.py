@@ -82,7 +82,7 @@ class ModelVersion(Base):
     architecture: Mapped[str] = mapped_column(String(80))
     path: Mapped[str] = mapped_column(Text)  # where it was registered from (the only copy for rows before 0006)
     checksum: Mapped[str] = mapped_column(String(64))  # SHA-256 of weights.pt
-    # The bundle in object storage (skinscan.bundle_store): key prefix and SHA-256 of its file manifest.
+    # The bundle in object storage (skinscan.model.store): key prefix and SHA-256 of its file manifest.
     storage_prefix: Mapped[str | None] = mapped_column(Text)
     bundle_checksum: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -15,10 +15,9 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from skinscan.imaging import decode_rgb
-from skinscan.model.bundle import FEATURES_OUTPUT, HEATMAP_HEAD_FILE, load_bundle
+from skinscan.model.bundle import FEATURES_OUTPUT, HEATMAP_HEAD_FILE, find_target_layer, load_bundle
 from skinscan.model.predictor import load_predictor
 from training.export import create_model, save_bundle
-from worker.gradcam import find_target_layer
 
 
 def _bundle_meta(architecture: str, size: int, resize_mode: str) -> dict[str, object]:

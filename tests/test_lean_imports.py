@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING = ("web", "web.pages.images", "worker.tasks", "worker.scoring", "worker.gradcam", "worker.pipeline",
-           "worker.rescore", "skinscan.cli", "skinscan.cli.service", "skinscan.cli.submit", "skinscan.registry",
+SERVING = ("web", "web.pages.images", "worker.tasks", "skinscan.model.scorer", "worker.gradcam", "worker.pipeline",
+           "worker.rescore", "skinscan.cli", "skinscan.cli.service", "skinscan.cli.submit", "skinscan.model.registry",
            "skinscan.model.predictor", "skinscan.model.bundle")
 BLOCK = """
 import importlib.machinery, sys
@@ -51,7 +51,7 @@ def test_scoring_and_heat_maps_without_torch(tmp_path: Path, ham_dir: Path) -> N
 import sys
 from pathlib import Path
 from skinscan.model.bundle import load_bundle
-from worker.scoring import Scorer
+from skinscan.model.scorer import Scorer
 scorer = Scorer(load_bundle(sys.argv[1]), backend="auto")
 assert scorer.predictor.backend == "onnx" and scorer.predictor.has_features
 results = scorer.score_bytes([(p, Path(p).read_bytes()) for p in sys.argv[2:]])

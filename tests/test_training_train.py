@@ -226,7 +226,7 @@ def test_every_config_field_is_an_option_and_every_option_a_field() -> None:
 
 
 def test_scorer_uses_the_bundles_classes_and_the_chosen_operating_point(smoke_bundle: Path) -> None:
-    from worker.scoring import Scorer
+    from skinscan.model.scorer import Scorer
 
     bundle = load_bundle(smoke_bundle)
     default = Scorer(bundle, backend="onnx", batch_size=1, decode_workers=1)

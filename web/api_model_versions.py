@@ -17,7 +17,7 @@ from skinscan.changes import (
     iter_changes_csv,
     latest_run,
 )
-from skinscan.registry import list_models, model_summary
+from skinscan.model.registry import list_models, model_summary
 from skinscan.rescore_runs import list_runs, run_summaries, run_summary
 from skinscan.tables import RescoreRun
 from web.api_schemas import (

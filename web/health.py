@@ -55,7 +55,7 @@ def readyz():  # type: ignore[no-untyped-def]
 
 def _production_bundle_problem() -> tuple[str, str] | None:
     """(version, error) when a machine found the production model's stored bundle unusable."""
-    from skinscan.bundle_health import production_bundle_problem
+    from skinscan.model.health import production_bundle_problem
     from web.context import db
 
     return production_bundle_problem(db())

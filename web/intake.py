@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.imaging import ACCEPTED_FORMATS, ImageError, strip_metadata
 from skinscan.labels import GroundTruth, LabelFileError, LabelMatch, image_id_of, match_labels, parse_ground_truth
+from skinscan.model.registry import ensure_production_model
 from skinscan.orphans import UploadIntent, begin_upload, discard_upload, end_upload
-from skinscan.registry import ensure_production_model
 from skinscan.settings import Settings
 from skinscan.storage import Storage
 from skinscan.tables import Clinic, ImageRecord, Job, new_id, utcnow

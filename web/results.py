@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from skinscan.csvsafe import csv_row
 from skinscan.job_counts import job_counts
 from skinscan.labels import CLASSES
-from skinscan.registry import production_model
+from skinscan.model.registry import production_model
 from skinscan.reviews import current_reviews
 from skinscan.tables import ImageRecord, Job, Prediction
 from web.referral import OperatingPoint, deployment_sensitivity, flag_reason, operating_point

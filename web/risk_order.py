@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from skinscan.registry import production_model
+from skinscan.model.registry import production_model
 from skinscan.tables import ImageRecord, Job, Prediction
 
 # Images whose prediction is never shown: a cancelled image is not scored (a chunk in flight writes no prediction

@@ -6,8 +6,8 @@ import logging
 
 from sqlalchemy import update
 
-from skinscan.bundle_health import record_unusable, unusable_reason
 from skinscan.db import session_scope
+from skinscan.model.health import record_unusable, unusable_reason
 from skinscan.settings import Settings
 from skinscan.tables import ImageRecord, Job
 

@@ -5,14 +5,11 @@ A bundle whose ONNX model also outputs its last feature map gets each prediction
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image as PILImage
@@ -21,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from skinscan.imaging import ImageError, decode_rgb
 from skinscan.model.bundle import find_target_layer
+from skinscan.model.heatmaps import heatmap_key, state_key, write_state
 from skinscan.settings import Settings, load_settings
-from skinscan.storage import Storage, StorageError
 from skinscan.tables import ImageRecord, Prediction
 
 if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
@@ -33,8 +30,6 @@ if TYPE_CHECKING:  # the web process asks for heatmaps without importing PyTorch
 log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 384
-# A request older than this with no heatmap yet (a lost message, a crashed worker) is sent again.
-PENDING_SECONDS = 300
 
 _MODELS: dict[str, tuple[Bundle, torch.nn.Module, torch.nn.Module]] = {}
 _LOCK = threading.Lock()
@@ -92,59 +87,6 @@ def render_heatmap(bundle: Bundle, model: torch.nn.Module, layer: torch.nn.Modul
     return out.getvalue()
 
 
-def _version_tag(model_version: str) -> str:
-    return hashlib.sha256(model_version.encode()).hexdigest()[:16]
-
-
-def heatmap_key(image: ImageRecord, model_version: str) -> str:
-    """Return the storage key of an image's cached heatmap under a model version."""
-    return f"{image.clinic_id}/{image.job_id}/gradcam/{image.id}-{_version_tag(model_version)}.png"
-
-
-def _state_key(image: ImageRecord, model_version: str) -> str:
-    return heatmap_key(image, model_version)[: -len(".png")] + ".state.json"
-
-
-def _read_state(storage: Storage, key: str) -> dict[str, Any]:
-    try:
-        return json.loads(storage.get(key))
-    except (StorageError, ValueError):
-        return {}
-
-
-def _write_state(storage: Storage, key: str, state: dict[str, Any]) -> None:
-    storage.put(key, json.dumps(state).encode(), "application/json")
-
-
-def heatmap_state(storage: Storage, image: ImageRecord, model_version: str) -> dict[str, Any]:
-    """Return {"state": "ready"|"pending"|"error"|"absent", ...} for an image's heatmap (no side effects)."""
-    if storage.exists(heatmap_key(image, model_version)):
-        return {"state": "ready"}
-    state = _read_state(storage, _state_key(image, model_version))
-    if state.get("state") == "error":
-        return {"state": "error", "error": state.get("error", "the heatmap could not be computed")}
-    if state.get("state") == "pending" and time.time() - float(state.get("at", 0)) < PENDING_SECONDS:
-        return {"state": "pending"}
-    return {"state": "absent"}
-
-
-def request_heatmap(storage: Storage, image: ImageRecord, model_version: str, settings: Settings) -> dict[str, Any]:
-    """Return the heatmap's state, sending one Grad-CAM task when none is cached or recently requested."""
-    state = heatmap_state(storage, image, model_version)
-    if state["state"] != "absent":
-        return state
-    from worker.celery_app import celery_for
-
-    _write_state(storage, _state_key(image, model_version), {"state": "pending", "at": time.time()})
-    try:
-        celery_for(settings).send_task("worker.tasks.gradcam", args=[image.id, model_version], queue="skinscan")
-    except Exception:
-        storage.delete(_state_key(image, model_version))  # not pending after all: the next request tries again
-        raise
-    log.info("Grad-CAM requested for image %s (model %s)", image.id, model_version)
-    return {"state": "pending"}
-
-
 def _prediction(session: Session, image_id: str, model_version: str) -> Prediction | None:
     return session.scalars(select(Prediction).where(Prediction.image_id == image_id,
                                                     Prediction.model_version == model_version)).first()
@@ -152,10 +94,10 @@ def _prediction(session: Session, image_id: str, model_version: str) -> Predicti
 
 def compute_heatmap(image_id: str, model_version: str, settings: Settings | None = None) -> bool:
     """Compute and cache one image's heatmap for the class the model version predicted; True when cached."""
-    from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
     from skinscan.db import session_scope
     from skinscan.model.bundle import BundleError
-    from skinscan.registry import RegistryError, bundle_ref
+    from skinscan.model.registry import RegistryError, bundle_ref
+    from skinscan.model.store import BundleRef, BundleStoreError, local_bundle
     from skinscan.storage import get_storage
 
     settings = settings or load_settings()
@@ -183,15 +125,15 @@ def compute_heatmap(image_id: str, model_version: str, settings: Settings | None
     except ImportError as exc:  # a lean install: this bundle has no feature-map output, and PyTorch is not here
         error = (f"heat maps of model {model_version} need PyTorch, which this worker lacks ({exc.name}): install "
                  "the `train` extra, or use a bundle exported with its feature map")
-        _write_state(storage, _state_key(image, model_version), {"state": "error", "error": error})
+        write_state(storage, state_key(image, model_version), {"state": "error", "error": error})
         log.warning("Grad-CAM for image %s failed: %s", image_id, error)
         return False
     except (ImageError, BundleError, BundleStoreError) as exc:
-        _write_state(storage, _state_key(image, model_version), {"state": "error", "error": str(exc)})
+        write_state(storage, state_key(image, model_version), {"state": "error", "error": str(exc)})
         log.warning("Grad-CAM for image %s failed: %s", image_id, exc)
         return False
     storage.put(key, png, "image/png")
-    storage.delete(_state_key(image, model_version))
+    storage.delete(state_key(image, model_version))
     if not _still_there(image_id, settings):
         # Its job was deleted while this ran. A deletion commits its rows before it lists and removes the job's
         # objects, so either that listing saw this heatmap or the row is gone by now and the heatmap goes here.

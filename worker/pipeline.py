@@ -12,14 +12,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from skinscan.bundle_store import BundleStoreError, local_bundle
 from skinscan.db import session_scope
 from skinscan.job_counts import job_counts
-from skinscan.registry import bundle_ref
+from skinscan.model.registry import bundle_ref
+from skinscan.model.scorer import Scored, Scorer, get_scorer
+from skinscan.model.store import BundleStoreError, local_bundle
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import Storage, StorageError, get_storage
 from skinscan.tables import ImageRecord, Job, Prediction, utcnow
-from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
 jobs_log = logging.getLogger("skinscan.jobs")

@@ -22,10 +22,11 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from skinscan import audit
-from skinscan.bundle_store import local_bundle
 from skinscan.changes import change_line
 from skinscan.db import session_scope
-from skinscan.registry import RegistryError, bundle_ref, production_model, replaced_model
+from skinscan.model.registry import RegistryError, bundle_ref, production_model, replaced_model
+from skinscan.model.scorer import Scored, Scorer, get_scorer
+from skinscan.model.store import local_bundle
 from skinscan.rescore_runs import (
     DONE,
     RUNNING,
@@ -44,7 +45,6 @@ from skinscan.storage import get_storage
 from skinscan.tables import ImageRecord, Prediction, RescoreChange, RescoreChunk, RescoreRun, utcnow
 from worker.dispatch import RESCORE_QUEUE, RESCORE_TASK, new_task_id
 from worker.pipeline import TRANSIENT_ERRORS, score_items, write_predictions
-from worker.scoring import Scored, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def parse_since(text: str) -> datetime:
 def cmd_models_register(args: argparse.Namespace) -> int:
     """Check a bundle (metadata, checksums, loads and scores an image) and register it without promoting it."""
     from skinscan.db import session_scope
-    from skinscan.registry import RegistryError, register_bundle
+    from skinscan.model.registry import RegistryError, register_bundle
     from skinscan.storage import StorageError
 
     settings = _prepared()
@@ -67,7 +67,7 @@ def cmd_models_register(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     """Print the registered model versions; the one in production is marked."""
     from skinscan.db import session_scope
-    from skinscan.registry import list_models, model_summary
+    from skinscan.model.registry import list_models, model_summary
 
     settings = _prepared()
     with session_scope(settings) as session:
@@ -87,7 +87,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_promote(args: argparse.Namespace) -> int:
     """Put a registered version in production; new jobs use it and the nightly re-score moves images to it."""
     from skinscan.db import session_scope
-    from skinscan.registry import RegistryError, promote
+    from skinscan.model.registry import RegistryError, promote
     from skinscan.storage import StorageError
 
     settings = _prepared()
@@ -103,7 +103,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 def cmd_models_rollback(_args: argparse.Namespace) -> int:
     """Put the version that served before the current one back in production."""
     from skinscan.db import session_scope
-    from skinscan.registry import RegistryError, rollback
+    from skinscan.model.registry import RegistryError, rollback
     from skinscan.storage import StorageError
 
     settings = _prepared()

@@ -27,7 +27,7 @@ def load_settings() -> Settings:
 def _check_model(settings: Settings) -> None:
     """Exit with a clear message unless a model bundle is configured and loads."""
     from skinscan.model.bundle import BundleError, load_bundle
-    from skinscan.registry import configured_bundle_path
+    from skinscan.model.registry import configured_bundle_path
 
     try:
         path = configured_bundle_path(settings)
@@ -43,7 +43,7 @@ def _check_model(settings: Settings) -> None:
 def _prepare_database(settings: Settings) -> None:
     from skinscan.db import session_scope
     from skinscan.migrate import upgrade
-    from skinscan.registry import ensure_production_model
+    from skinscan.model.registry import ensure_production_model
 
     upgrade(settings)
     with session_scope(settings) as session:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from skinscan.bundle_store import (
+from skinscan.model.store import (
     MANIFEST_FILE,
     BundleRef,
     BundleStoreError,

@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
+from skinscan.model.scorer import Scored
 from skinscan.tables import ImageRecord, Job, Prediction
-from worker.scoring import Scored
 
 
 class _Rules:

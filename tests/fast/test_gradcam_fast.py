@@ -37,7 +37,7 @@ def _timm(arch: str) -> torch.nn.Module:
 def test_target_layer_is_the_last_block_before_pooling(build: Callable[[str], torch.nn.Module], arch: str,
                                                        expected: Callable[[Any], torch.nn.Module]) -> None:
     """The explained layer is the last convolutional block (with its own norm and activation) before pooling."""
-    from worker.gradcam import find_target_layer
+    from skinscan.model.bundle import find_target_layer
 
     model = build(arch)
     assert find_target_layer(model) is expected(model)
@@ -45,7 +45,7 @@ def test_target_layer_is_the_last_block_before_pooling(build: Callable[[str], to
 
 def test_target_layer_of_a_plain_stack_and_of_no_cnn() -> None:
     """A custom net: the last conv block's trailing ReLU; a net without any convolution cannot be explained."""
-    from worker.gradcam import find_target_layer
+    from skinscan.model.bundle import find_target_layer
 
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
     act = torch.nn.ReLU()
@@ -67,7 +67,7 @@ def test_gradcam_runs_on_the_chosen_layer_of_efficientnet_lite() -> None:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from worker.gradcam import find_target_layer
+    from skinscan.model.bundle import find_target_layer
 
     torch.manual_seed(0)
     model = _timm("tf_efficientnet_lite0").eval()
@@ -83,9 +83,9 @@ def test_heatmap_is_requested_once_then_pending(api: Api, settings: Any, sent: S
     """The first request sends one Grad-CAM task and marks it pending; asking again sends nothing while it is
     pending; a request left pending too long (a lost message) is sent again."""
     from skinscan.db import session_scope
+    from skinscan.model import heatmaps as gradcam
     from skinscan.storage import get_storage
     from skinscan.tables import ImageRecord
-    from worker import gradcam
 
     job_id = api.submit([("ISIC_1.jpg", jpeg())]).get_json()["id"]
     sent.calls.clear()

@@ -31,7 +31,7 @@ def _pngs(n: int) -> list[tuple[str, bytes]]:
 
 def test_damaged_stored_bundle_fails_the_job_with_the_reason(stack: Any, api: Any, service_bundle: Path) -> None:
     from skinscan.db import session_scope
-    from skinscan.registry import ensure_production_model, register_bundle
+    from skinscan.model.registry import ensure_production_model, register_bundle
     from skinscan.storage import S3Storage
     from web import create_app
 

@@ -290,8 +290,8 @@ class Crash(BaseException):
 def test_poison_image_is_given_up_alone(lab, job_files, monkeypatch, fault: str) -> None:  # type: ignore[no-untyped-def]
     """An image that crashes (or breaks) the scorer every time ends failed with its reason after MAX_ATTEMPTS
     deliveries; the other images of its chunk are scored exactly once and no delivery loops forever."""
+    from skinscan.model.scorer import Scorer
     from worker import pipeline
-    from worker.scoring import Scorer
 
     settings = lab.settings()
     client, job_id = submit(lab, job_files[:16])

@@ -117,9 +117,9 @@ def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_pa
     """Register and promote a bundle on machine R (then delete it there); a worker on machine K, whose cache
     holds a damaged copy, detects it, fetches the bundle again and scores a job submitted on web machine W; W's
     Model page shows the card and plot from inside the bundle; a damaged stored object is refused, not served."""
-    from skinscan.bundle_store import BundleStoreError, cache_folder, forget_verified
     from skinscan.db import session_scope
-    from skinscan.registry import bundle_ref
+    from skinscan.model.registry import bundle_ref
+    from skinscan.model.store import BundleStoreError, cache_folder, forget_verified
     from skinscan.storage import S3Storage
     from skinscan.tables import AuditEvent, ModelVersion
     from web import create_app
@@ -152,7 +152,7 @@ def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_pa
     # Machine K: its cache already holds the bundle, damaged (a flipped byte in the weights).
     worker_env = machine(stack, tmp_path, "machine-k")
     worker_settings = settings_with(worker_env)
-    skinscan_python = ("from skinscan.db import session_scope; from skinscan.registry import bundle_path_for; "
+    skinscan_python = ("from skinscan.db import session_scope; from skinscan.model.registry import bundle_path_for; "
                        "from skinscan.settings import load_settings\n"
                        f"with session_scope() as s: print(bundle_path_for(s, {version!r}, load_settings()))")
     done = subprocess.run([sys.executable, "-c", skinscan_python], env=worker_env, cwd=ROOT, capture_output=True,
@@ -219,7 +219,7 @@ def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_pa
     fresh_env = machine(stack, tmp_path, "machine-x")
     fresh = settings_with(fresh_env)
     forget_verified()
-    from skinscan.bundle_store import local_bundle
+    from skinscan.model.store import local_bundle
 
     with pytest.raises(BundleStoreError, match=f"weights.pt of model {version} does not match its checksum"):
         local_bundle(ref, fresh)
@@ -233,7 +233,7 @@ def test_concurrent_first_starts_put_one_version_in_production(stack: Any, tmp_p
     """Two processes start at once with different configured bundles and no model in production: exactly one
     version is registered and promoted and both use it; a later start with the other bundle changes nothing."""
     from skinscan.db import session_scope
-    from skinscan.registry import ensure_production_model
+    from skinscan.model.registry import ensure_production_model
     from skinscan.tables import AuditEvent, ModelVersion
 
     versions = [f"first-start-{i}-{uuid.uuid4().hex[:4]}" for i in range(2)]

@@ -12,8 +12,8 @@ from test_job_management import noise_jpeg
 
 from skinscan.db import session_scope
 from skinscan.labels import CLASSES
+from skinscan.model.scorer import Scored
 from skinscan.tables import ImageRecord, Job, Prediction
-from worker.scoring import Scored
 
 
 class _Rules:

@@ -121,7 +121,7 @@ def bucket_keys(stack: Any) -> set[str]:
     the registry stores under models/ is left out."""
     import boto3
 
-    from skinscan.bundle_store import MODELS_PREFIX
+    from skinscan.model.store import MODELS_PREFIX
 
     s3 = boto3.client("s3", endpoint_url=stack.env["S3_ENDPOINT_URL"])
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.env["S3_BUCKET"])
@@ -130,7 +130,7 @@ def bucket_keys(stack: Any) -> set[str]:
 
 def register_model(settings: Any) -> None:
     """Store and promote the configured bundle now, as a first start does, before a test breaks storage."""
-    from skinscan.registry import ensure_production_model
+    from skinscan.model.registry import ensure_production_model
 
     with session_scope(settings) as session:
         ensure_production_model(session, settings)

@@ -38,7 +38,7 @@ ARCH, SIZE = "resnet18", 64  # random ResNet-18s tell images apart (see tests/co
 def _scores(out: Path, images: list[bytes]) -> tuple[list[float], list[float]]:
     """Malignancy scores and top-class probabilities of a saved bundle on the images, as the worker scores them."""
     from skinscan.model.bundle import load_bundle
-    from worker.scoring import Scorer
+    from skinscan.model.scorer import Scorer
 
     scorer = Scorer(load_bundle(out), backend="torch", threads=1, decode_workers=1)
     results = [r.probabilities for r in scorer.score_bytes([(str(i), b) for i, b in enumerate(images)])]

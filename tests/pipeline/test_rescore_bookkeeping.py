@@ -42,7 +42,7 @@ LABELS = ["mel", "nv", "bcc"]
 
 def production(settings: Any) -> str:
     """The production model's version (the stack's bundle, registered on first use)."""
-    from skinscan.registry import ensure_production_model
+    from skinscan.model.registry import ensure_production_model
 
     with session_scope(settings) as session:
         return ensure_production_model(session, settings).version

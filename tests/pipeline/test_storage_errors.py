@@ -39,8 +39,8 @@ def submitted(stack: Any, files: list[tuple[str, bytes]]) -> tuple[Any, str, lis
 def warm_model(settings: Any, job_id: str) -> None:
     """Fetch the job's model bundle into this machine's cache now, so the storage fault a test makes hits the
     image reads (a bundle that cannot be fetched is an outage too, before any image is tried)."""
-    from skinscan.bundle_store import local_bundle
-    from skinscan.registry import bundle_ref
+    from skinscan.model.registry import bundle_ref
+    from skinscan.model.store import local_bundle
     from skinscan.tables import Job
 
     with session_scope(settings) as session:

@@ -247,8 +247,8 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     """A clinic uploads 20 real images + labels (+ a wrong type and an oversize file) through the new-job form,
     a worker scores them, and the pages show progress, counts, metrics, a sortable/filterable/paginated table,
     exports, the image, its thumbnail and its Grad-CAM heatmap computed by the worker on demand."""
+    from skinscan.model.heatmaps import heatmap_key
     from web import create_app
-    from worker.gradcam import heatmap_key
 
     add_plots_and_card(smoke_bundle)
     stack.env.update({"SKINSCAN_MAX_FILE_BYTES": "400000", "SKINSCAN_MODEL": str(smoke_bundle),

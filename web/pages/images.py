@@ -126,7 +126,7 @@ def _grid_heatmap(prediction: Prediction, meta: dict[str, Any]) -> dict[str, Any
 
 def _ask_heatmap(image: ImageRecord, version: str) -> dict[str, Any]:
     """The heatmap's state, asking a worker for it if needed; the page still works when the broker is down."""
-    from worker.gradcam import request_heatmap
+    from skinscan.model.heatmaps import request_heatmap
 
     try:
         state = request_heatmap(storage(), image, version, settings())
@@ -240,7 +240,7 @@ def heatmap(image_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def heatmap_png(image_id: str):  # type: ignore[no-untyped-def]
     """The cached Grad-CAM overlay PNG (404 until a worker has computed it)."""
-    from worker.gradcam import heatmap_key
+    from skinscan.model.heatmaps import heatmap_key
 
     image = owned_image(image_id)
     _job, version, prediction = _shown(image)

@@ -12,10 +12,10 @@ from flask import abort, render_template, send_file
 from markupsafe import Markup
 from sqlalchemy import select
 
-from skinscan.bundle_health import record_unusable
-from skinscan.bundle_store import BundleRef, BundleStoreError, local_bundle
 from skinscan.model.bundle import BundleError, referral_threshold
-from skinscan.registry import production_model
+from skinscan.model.health import record_unusable
+from skinscan.model.registry import production_model
+from skinscan.model.store import BundleRef, BundleStoreError, local_bundle
 from skinscan.storage import StorageError
 from skinscan.tables import ModelVersion
 from web.context import db, settings

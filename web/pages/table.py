@@ -11,7 +11,7 @@ from sqlalchemy import Select, and_, exists, func, not_, select
 from sqlalchemy.orm import Session
 
 from skinscan.labels import CLASSES
-from skinscan.registry import production_model
+from skinscan.model.registry import production_model
 from skinscan.reviews import current_reviews
 from skinscan.tables import ImageRecord, Job, Prediction, Review
 from web.risk_order import NOT_SHOWN_STATUSES, ranked_ids, shown_join

@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from skinscan import audit
-from skinscan.bundle_health import clear_unusable
-from skinscan.bundle_store import BundleRef, BundleStoreError, StoredBundle, local_bundle, upload_bundle
 from skinscan.labels import CLASSES
+from skinscan.model.health import clear_unusable
+from skinscan.model.store import BundleRef, BundleStoreError, StoredBundle, local_bundle, upload_bundle
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import get_storage
 from skinscan.tables import AuditEvent, ModelVersion, utcnow
@@ -199,7 +199,7 @@ def _synthetic_image() -> bytes:
 def check_bundle(path: Path, image: bytes | None = None, backend: str = "auto") -> Bundle:
     """Check a bundle before it is registered: metadata, checksums, and that it loads and scores an image."""
     from skinscan.model.bundle import WEIGHTS_FILE, BundleError, load_bundle
-    from worker.scoring import Scorer
+    from skinscan.model.scorer import Scorer
 
     try:
         bundle = load_bundle(path, verify=True)
