@@ -156,11 +156,11 @@ def worker_path(bundle_path: Path, images: list[tuple[str, bytes]], chunk: int, 
     import io
 
     from skinscan.db import session_scope
+    from skinscan.jobs.intake import create_job
     from skinscan.migrate import upgrade
     from skinscan.settings import load_settings
     from skinscan.storage import get_storage
     from skinscan.tables import Clinic
-    from web.intake import create_job
     from worker import pipeline
     from worker.dispatch import chunked, pending_image_ids
 

@@ -224,9 +224,9 @@ class Deployment:
     def store_job(self, images: list[tuple[str, bytes]]) -> str:
         """Store images and commit a queued job for them in this process, without enqueueing it; return its id."""
         from skinscan.db import session_scope
+        from skinscan.jobs.intake import create_job
         from skinscan.storage import S3Storage
         from skinscan.tables import Clinic
-        from web.intake import create_job
 
         storage = S3Storage(self.settings.s3_bucket, self.settings.s3_endpoint_url)
         with environment(self.env), session_scope(self.settings) as session:

@@ -3,7 +3,7 @@
 A clinic's `retention_days` (None, the default: keep until deleted by hand) is counted from a job's upload
 (`jobs.created_at`). The nightly run (beat, `SKINSCAN_RETENTION_HOUR`:`SKINSCAN_RETENTION_MINUTE` UTC, or
 `skinscan apply-retention` by hand) deletes each job past it through the same path as a manual delete
-(skinscan.job_deletion: rows, then every stored object, one `job.delete` audit event per job by the actor
+(skinscan.jobs.deletion: rows, then every stored object, one `job.delete` audit event per job by the actor
 `retention`), oldest first, at most `SKINSCAN_RETENTION_BATCH` jobs per task: a first run over a large archive
 goes on in further tasks instead of holding one worker for hours. Each job is taken under a row lock that skips
 jobs another deleter holds, so two runs (two beats, a redelivered task) never delete the same job twice.
@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from skinscan.db import session_scope
-from skinscan.job_deletion import Deletion, delete_job
+from skinscan.jobs.deletion import Deletion, delete_job
 from skinscan.settings import Settings
 from skinscan.storage import Storage, get_storage
 from skinscan.tables import Clinic, Job, utcnow

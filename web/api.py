@@ -11,6 +11,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.jobs.intake import (
+    UploadError,
+    add_images,
+    apply_labels,
+    create_job,
+    discard_stored,
+    enqueue_committed,
+    fail_job,
+    finalize_job,
+    iter_files,
+    label_details,
+    parse_labels,
+)
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics
 from web.api_schemas import (
@@ -27,19 +40,6 @@ from web.auth import require_api_key
 from web.batches import batch_key_arg, claim_part, job_for_batch, part_arg
 from web.context import db, settings, storage
 from web.errors import ApiError
-from web.intake import (
-    UploadError,
-    add_images,
-    apply_labels,
-    create_job,
-    discard_stored,
-    enqueue_committed,
-    fail_job,
-    finalize_job,
-    iter_files,
-    label_details,
-    parse_labels,
-)
 from web.lookup import int_arg, owned_job
 from web.openapi import doc
 from web.results import iter_csv, job_images, job_summary, rows_for
@@ -227,7 +227,7 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
 @require_api_key
 def cancel(job_id: str):  # type: ignore[no-untyped-def]
     """Cancel a job that is uploading, queued or running: its images not yet scored are never scored; 200."""
-    from web.job_cancellation import CancelRefused, cancel_job
+    from skinscan.jobs.cancellation import CancelRefused, cancel_job
 
     job = owned_job(job_id)
     try:
@@ -243,7 +243,7 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @require_api_key
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete a job, its results and its stored images (audited); deleting it again answers the same way."""
-    from skinscan.job_deletion import delete_job, retry_deleted, was_deleted
+    from skinscan.jobs.deletion import delete_job, retry_deleted, was_deleted
 
     session = db()
     job = session.get(Job, job_id) if len(job_id) <= 64 else None
@@ -293,7 +293,7 @@ def job_metrics(job_id: str):  # type: ignore[no-untyped-def]
         raise ApiError(f"metrics are computed when the job is done (now {job.status})", 409)
     audit.record(session, "job.view_metrics", g.actor, job.clinic_id, "job", job.id)
     session.commit()
-    from worker.job_metrics import null_unsupported  # per-class figures over no image are null (older rows too)
+    from skinscan.jobs.metrics import null_unsupported  # per-class figures over no image are null (older rows too)
 
     return jsonify({"job": job_summary(job), "metrics": null_unsupported(dict(row.metrics))})
 

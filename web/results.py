@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from skinscan.csvsafe import csv_row
-from skinscan.job_counts import job_counts
+from skinscan.jobs.counts import job_counts
 from skinscan.labels import CLASSES
 from skinscan.model.registry import production_model
 from skinscan.reviews import current_reviews
@@ -151,7 +151,7 @@ def job_summary(job: Job, status_url: str | None = None) -> dict[str, Any]:
 
     body: dict[str, Any] = {
         "id": job.id, "name": job.name, "status": job.status, "kind": job.kind,
-        # one definition everywhere (skinscan.job_counts): total = images accepted, failed = not scored
+        # one definition everywhere (skinscan.jobs.counts): total = images accepted, failed = not scored
         "counts": job_counts(job).as_api(),
         "progress": job.progress, "model_version": job.model_version,
         "created_at": ts(job.created_at), "started_at": ts(job.started_at), "finished_at": ts(job.finished_at),

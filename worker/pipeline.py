@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from skinscan.db import session_scope
-from skinscan.job_counts import job_counts
+from skinscan.jobs.counts import job_counts
 from skinscan.model.registry import bundle_ref
 from skinscan.model.scorer import Scored, Scorer, get_scorer
 from skinscan.model.store import BundleStoreError, local_bundle
@@ -295,7 +295,7 @@ def refresh_job(job_id: str, settings: Settings) -> None:
         job.total = sum(counts.values())
         job.updated_at = utcnow()
         if counts.get("pending", 0) == 0 and job.status in ("queued", "running"):
-            from worker.job_metrics import store_job_metrics
+            from skinscan.jobs.metrics import store_job_metrics
 
             store_job_metrics(session, job)
             job.status = "done" if job.scored > 0 else "failed"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from skinscan.job_counts import JobCounts
+from skinscan.jobs.counts import JobCounts
 
 if TYPE_CHECKING:  # requests and tqdm are imported when a submit runs, not for every `skinscan` command
     import requests

@@ -389,7 +389,7 @@ def test_per_class_figures_over_no_image_are_null(app: Flask, settings: Any, sen
 
 def test_stored_metrics_from_before_are_nulled_when_read() -> None:
     """Metrics stored before the rule (0.0 for classes with no image) are read with nulls, from their matrix."""
-    from worker.job_metrics import null_unsupported
+    from skinscan.jobs.metrics import null_unsupported
 
     matrix = [[0] * len(CLASSES) for _ in CLASSES]
     matrix[CLASSES.index("mel")][CLASSES.index("mel")] = 2

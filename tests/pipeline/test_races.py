@@ -61,7 +61,7 @@ def touches_jobs(statement: str) -> bool:
 def test_claim_never_overwrites_a_cancel(stack: Any, api: Api) -> None:
     """A cancel committed while a worker claims a chunk stays cancelled (the claim used to write `running` over it,
     and the refresh after the chunk then marked the job `done`)."""
-    from web.job_cancellation import cancel_job
+    from skinscan.jobs.cancellation import cancel_job
     from worker.pipeline import claim_chunk, refresh_job
 
     settings = stack.settings()
@@ -173,9 +173,9 @@ def test_cancel_while_scoring_leaves_no_prediction_on_a_cancelled_image(stack: A
     """Two chunks in flight: a cancel comes while the first writes its results (it waits for them, or they find
     the images cancelled) and the second finishes after the cancel; only images that end `scored` have a
     prediction, and the job's counters match its rows."""
+    from skinscan.jobs.cancellation import cancel_job
     from skinscan.labels import CLASSES
     from skinscan.tables import Prediction
-    from web.job_cancellation import cancel_job
     from worker.pipeline import claim_chunk, record_results
 
     settings = stack.settings()

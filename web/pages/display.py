@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from skinscan.job_counts import job_counts
+from skinscan.jobs.counts import job_counts
 from skinscan.labels import CLASS_NAMES, CLASSES, MALIGNANT
 
 STATUS_TEXT = {"uploading": "Uploading", "queued": "Queued", "running": "Running", "done": "Done",

@@ -12,7 +12,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from skinscan import audit
-from skinscan.job_counts import job_counts
+from skinscan.jobs.counts import job_counts
+from skinscan.jobs.intake import (
+    UploadError,
+    create_job,
+    discard_stored,
+    enqueue_committed,
+    label_details,
+    upload_refusals,
+)
+from skinscan.jobs.metrics import null_unsupported
 from skinscan.labels import CLASSES, MALIGNANT
 from skinscan.retention import removal_time
 from skinscan.reviews import next_flagged_unreviewed, unreviewed_flagged_count
@@ -20,7 +29,6 @@ from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
 from web.context import db, settings, storage
 from web.errors import wants_json
-from web.intake import UploadError, create_job, discard_stored, enqueue_committed, label_details, upload_refusals
 from web.lookup import int_arg, owned_job
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
@@ -36,7 +44,6 @@ from web.pages.table import (
 )
 from web.referral import operating_point
 from web.results import iter_csv, job_summary, ranked_rows
-from worker.job_metrics import null_unsupported
 
 log = logging.getLogger(__name__)
 bp = page_blueprint("jobs")
@@ -200,7 +207,7 @@ def status(job_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def cancel(job_id: str):  # type: ignore[no-untyped-def]
     """Cancel the job: images not yet scored are not scored; what was scored keeps its results."""
-    from web.job_cancellation import CancelRefused, cancel_job
+    from skinscan.jobs.cancellation import CancelRefused, cancel_job
 
     job = owned_job(job_id)
     try:
@@ -217,7 +224,7 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete the job, its results and its stored images, once the form's confirmation box is ticked."""
-    from skinscan.job_deletion import delete_job, retry_deleted, was_deleted
+    from skinscan.jobs.deletion import delete_job, retry_deleted, was_deleted
 
     session = db()
     job = session.get(Job, job_id) if len(job_id) <= 64 else None

@@ -27,7 +27,7 @@
     setText(root, "flagged", n(t.flagged));
     if (root.id !== "job-progress") { return; }  // the page's tiles follow the job page's own progress card
     setTile('[data-tile="scored"]', n(t.scored));
-    setTile('[data-tile="failed"]', n(t.failed));  // not scored: refused files are not images (skinscan.job_counts)
+    setTile('[data-tile="failed"]', n(t.failed));  // not scored: refused files are not images (skinscan.jobs.counts)
     setTile('[data-tile="flagged"]', n(t.flagged));
     setTile('[data-tile="flag-context"]', "of " + n(t.scored) + " scored" +
       (t.scored ? " (" + Math.round(100 * t.flagged / t.scored) + "%)" : ""));
@@ -45,7 +45,7 @@
     var bar = root.querySelector('[data-role="bar"]');
     if (bar) { bar.value = pct; bar.textContent = whole; }
     setText(root, "percent", whole);
-    // The API's counts (skinscan.job_counts): total = images accepted, failed = not scored, refused apart.
+    // The API's counts (skinscan.jobs.counts): total = images accepted, failed = not scored, refused apart.
     setText(root, "total", n(c.total));
     setText(root, "scored", n(c.scored));
     setText(root, "failed", n(c.failed));

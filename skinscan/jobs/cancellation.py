@@ -65,6 +65,6 @@ def cancel_job(session: Session, job_id: str, actor: str) -> tuple[Job, int]:
 
 def _store_metrics(session: Session, job: Job) -> None:
     """Store the metrics of what the job scored before it was cancelled."""
-    from worker.job_metrics import store_job_metrics
+    from skinscan.jobs.metrics import store_job_metrics
 
     store_job_metrics(session, job)
