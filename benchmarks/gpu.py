@@ -156,13 +156,13 @@ def worker_path(bundle_path: Path, images: list[tuple[str, bytes]], chunk: int, 
     import io
 
     from skinscan.db import session_scope
+    from skinscan.jobs.dispatch import chunked, pending_image_ids
     from skinscan.jobs.intake import create_job
     from skinscan.migrate import upgrade
     from skinscan.settings import load_settings
     from skinscan.storage import get_storage
     from skinscan.tables import Clinic
     from worker import pipeline
-    from worker.dispatch import chunked, pending_image_ids
 
     settings = load_settings()
     upgrade(settings)

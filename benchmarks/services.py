@@ -237,7 +237,7 @@ class Deployment:
 
     def connect_broker(self) -> None:
         """Open this process's broker connection ahead of a timed enqueue."""
-        from worker.celery_app import celery_for
+        from skinscan.broker import celery_for
 
         with celery_for(self.settings).connection_for_write() as conn:
             conn.ensure_connection(max_retries=3)
@@ -245,7 +245,7 @@ class Deployment:
     def enqueue(self, job_id: str) -> int:
         """Send a committed job's chunks to the workers; return the number of chunks."""
         from skinscan.db import session_scope
-        from worker.dispatch import enqueue_job
+        from skinscan.jobs.dispatch import enqueue_job
 
         with session_scope(self.settings) as session:
             return enqueue_job(session, job_id, self.settings)

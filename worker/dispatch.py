@@ -14,38 +14,33 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select, update
 
 from skinscan.db import session_scope
+from skinscan.jobs.dispatch import (
+    RESCORE_QUEUE,
+    RESCORE_TASK,
+    SCORE_QUEUE,
+    SCORE_TASK,
+    chunked,
+    new_task_id,
+    pending_image_ids,
+    send_tasks,
+)
 from skinscan.settings import Settings, load_settings
-from skinscan.tables import ImageRecord, JobChunk, RescoreChunk, RescoreRun, utcnow
+from skinscan.tables import JobChunk, RescoreChunk, RescoreRun, utcnow
 
 log = logging.getLogger(__name__)
 
-SCORE_TASK, SCORE_QUEUE = "worker.tasks.score_chunk", "skinscan"
-FINISH_TASK = "worker.tasks.finish_job"
-RESCORE_TASK, RESCORE_QUEUE = "worker.tasks.rescore_chunk", "rescore"
 ALWAYS = datetime.max.replace(tzinfo=UTC)  # a queue with no chunk waiting: every older chunk was delivered
 NEVER = datetime.min.replace(tzinfo=UTC)  # a queue whose waiting chunks cannot be told: none is lost
 CONFIRM_AFTER = 1.0  # seconds between the two reads of a queue's state (a delivery in progress shows)
 SWEEP_LIMIT = 1000  # re-score chunks looked at per sweep (the oldest first): a sweep costs O(SWEEP_LIMIT)
-
-
-def chunked(ids: list[str], size: int) -> list[list[str]]:
-    """Split a list of ids into lists of at most size."""
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
-
-
-def new_task_id() -> str:
-    """A Celery task id, chosen before the message is sent so that its dispatch record is committed first."""
-    return str(uuid.uuid4())
 
 
 def _aware(value: datetime) -> datetime:
@@ -88,7 +83,7 @@ def queue_state(settings: Settings, queue: str, lookup: Callable[[list[str]], di
     seconds apart, and a chunk counts as held or waiting if either says so: a worker takes a message off the queue
     (BRPOP) before it records it as held, so a delivery in progress is in neither for a moment.
     """
-    from worker.celery_app import celery_for
+    from skinscan.broker import celery_for
     from worker.leases import queue_snapshot
 
     app = celery_for(settings)
@@ -118,70 +113,6 @@ def _rescore_dispatch_times(settings: Settings) -> Callable[[list[str]], dict[st
             return dict(session.execute(select(RescoreChunk.task_id, RescoreChunk.dispatched_at)
                                         .where(RescoreChunk.task_id.in_(task_ids))).all())
     return lookup
-
-
-def pending_image_ids(session: Session, job_id: str) -> list[str]:
-    """Return the ids of a job's images not yet scored or failed, in upload order."""
-    return list(session.scalars(
-        select(ImageRecord.id).where(ImageRecord.job_id == job_id, ImageRecord.status == "pending")
-            .order_by(ImageRecord.position)
-    ))
-
-
-def _send(settings: Settings, task: str, queue: str, sends: Iterable[tuple[str, list[Any]]]) -> int:
-    """Publish (task id, args) messages; return how many."""
-    from worker.celery_app import celery_for
-
-    app = celery_for(settings)
-    n = 0
-    for task_id, args in sends:
-        app.send_task(task, args=args, queue=queue, task_id=task_id)
-        n += 1
-    return n
-
-
-def enqueue_job(session: Session, job_id: str, settings: Settings | None = None, resend: bool = False) -> int:
-    """Send score tasks for a job's pending images that no chunk covers yet; call only after they are committed.
-
-    Each part of an upload is sent as soon as it commits, so scoring starts while later parts upload; a part's
-    chunks are added to the job's dispatch records, committed before any message is sent. `resend` replaces the
-    records and sends every pending image again (a restarted embedded service whose in-memory broker lost all).
-    Returns how many chunks were sent.
-    """
-    settings = settings or load_settings()
-    if session.in_transaction() and session.new:
-        raise RuntimeError("enqueue_job called with uncommitted rows: commit the job first")
-    pending = pending_image_ids(session, job_id)
-    first_seq = 0
-    if resend:
-        session.execute(delete(JobChunk).where(JobChunk.job_id == job_id))
-    else:
-        covered: set[str] = set()
-        for seq, image_ids in session.execute(select(JobChunk.seq, JobChunk.image_ids)
-                                              .where(JobChunk.job_id == job_id)):
-            covered.update(image_ids)
-            first_seq = max(first_seq, seq + 1)
-        pending = [i for i in pending if i not in covered]
-    records = [{"job_id": job_id, "seq": first_seq + n, "image_ids": ids, "task_id": new_task_id(),
-                "dispatched_at": utcnow(), "sends": 1} for n, ids in enumerate(chunked(pending, settings.chunk_size))]
-    if records:
-        session.execute(insert(JobChunk), records)
-    session.commit()
-    _send(settings, SCORE_TASK, SCORE_QUEUE, ((r["task_id"], [job_id, r["image_ids"]]) for r in records))
-    log.info("job %s: %d chunks enqueued", job_id, len(records))
-    return len(records)
-
-
-def finish_if_complete(session: Session, job_id: str, settings: Settings | None = None) -> bool:
-    """After a job closes for uploads (committed): if no image is left pending, have a worker finish it (metrics,
-    status); return whether a finish task was sent. Its images may all have been scored while it was uploading."""
-    settings = settings or load_settings()
-    left = session.scalar(select(func.count()).where(ImageRecord.job_id == job_id, ImageRecord.status == "pending"))
-    session.commit()
-    if left:
-        return False
-    _send(settings, FINISH_TASK, SCORE_QUEUE, [(new_task_id(), [job_id])])
-    return True
 
 
 def _lost_job_chunks(settings: Settings, job_id: str, cutoff: datetime,
@@ -252,7 +183,7 @@ def requeue_lost(settings: Settings | None = None) -> int:
         state = queue_state(settings, SCORE_QUEUE, _job_dispatch_times(settings))
         for job_id in jobs:
             sends = _lost_job_chunks(settings, job_id, cutoff, state)
-            total += _send(settings, SCORE_TASK, SCORE_QUEUE, sends)
+            total += send_tasks(settings, SCORE_TASK, SCORE_QUEUE, sends)
             if sends:
                 log.warning("job %s: %d lost chunks sent again", job_id, len(sends))
             pipeline.refresh_job(job_id, settings)
@@ -261,8 +192,7 @@ def requeue_lost(settings: Settings | None = None) -> int:
     if open_runs:
         state = queue_state(settings, RESCORE_QUEUE, _rescore_dispatch_times(settings))
         sends = _lost_rescore_chunks(settings, cutoff, state)
-        total += _send(settings, RESCORE_TASK, RESCORE_QUEUE, sends)
+        total += send_tasks(settings, RESCORE_TASK, RESCORE_QUEUE, sends)
         if sends:
             log.warning("%d lost re-score chunks sent again", len(sends))
     return total
-

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.changes import change_line
 from skinscan.db import session_scope
+from skinscan.jobs.dispatch import RESCORE_QUEUE, RESCORE_TASK, new_task_id
 from skinscan.model.registry import RegistryError, bundle_ref, production_model, replaced_model
 from skinscan.model.scorer import Scored, Scorer, get_scorer
 from skinscan.model.store import local_bundle
@@ -43,7 +44,6 @@ from skinscan.rescore_runs import (
 from skinscan.settings import Settings, load_settings
 from skinscan.storage import get_storage
 from skinscan.tables import ImageRecord, Prediction, RescoreChange, RescoreChunk, RescoreRun, utcnow
-from worker.dispatch import RESCORE_QUEUE, RESCORE_TASK, new_task_id
 from worker.pipeline import TRANSIENT_ERRORS, score_items, write_predictions
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def _dispatch(settings: Settings, run_id: int, chunks: list[tuple[str, list[str]
         for _, ids in chunks:
             rescore_chunk(run_id, ids, settings)
         return
-    from worker.celery_app import celery_for
+    from skinscan.broker import celery_for
 
     app = celery_for(settings)
     for task_id, ids in chunks:

@@ -29,7 +29,7 @@ def closed_note(timeout: int, images: int) -> str:
 
 def close_stale_uploads(settings: Settings) -> int:
     """Close jobs left `uploading` with no new part for upload_timeout_seconds; return how many were closed."""
-    from worker.dispatch import enqueue_job, finish_if_complete
+    from skinscan.jobs.dispatch import enqueue_job, finish_if_complete
 
     cutoff = utcnow() - timedelta(seconds=settings.upload_timeout_seconds)
     closed: list[str] = []

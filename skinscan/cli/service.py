@@ -55,8 +55,8 @@ def requeue_unfinished(settings: Settings) -> int:
     from sqlalchemy import select
 
     from skinscan.db import session_scope
+    from skinscan.jobs.dispatch import enqueue_job
     from skinscan.tables import Job
-    from worker.dispatch import enqueue_job
 
     n = 0
     with session_scope(settings) as session:

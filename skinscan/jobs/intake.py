@@ -327,7 +327,7 @@ def discard_stored(session: Session, storage: Storage) -> None:
 def enqueue_committed(session: Session, job: Job, settings: Settings, closed: bool = True) -> None:
     """Send a committed part's (or job's) chunks to the workers; once the job is `closed` for uploads, have it
     finished if nothing is left pending. A broker outage is logged (the stalled-job sweeper resends)."""
-    from worker.dispatch import enqueue_job, finish_if_complete
+    from skinscan.jobs.dispatch import enqueue_job, finish_if_complete
 
     try:
         enqueue_job(session, job.id, settings)

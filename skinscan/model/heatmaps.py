@@ -63,7 +63,7 @@ def request_heatmap(storage: Storage, image: ImageRecord, model_version: str, se
     state = heatmap_state(storage, image, model_version)
     if state["state"] != "absent":
         return state
-    from worker.celery_app import celery_for
+    from skinscan.broker import celery_for
 
     write_state(storage, state_key(image, model_version), {"state": "pending", "at": time.time()})
     try:

@@ -88,10 +88,10 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture()
 def sent(monkeypatch: pytest.MonkeyPatch) -> SentTasks:
     """Record every Celery task sent (enqueue_job, Grad-CAM requests) instead of sending it."""
-    import worker.celery_app
+    import skinscan.broker
 
     recorder = SentTasks()
-    monkeypatch.setattr(worker.celery_app, "celery_for", lambda _settings: recorder)
+    monkeypatch.setattr(skinscan.broker, "celery_for", lambda _settings: recorder)
     return recorder
 
 

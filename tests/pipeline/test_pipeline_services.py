@@ -84,9 +84,9 @@ def test_full_path_on_real_services(stack, api, isic_test_images, service_bundle
 
 def test_redelivered_chunk_changes_nothing(stack, api, isic_test_images):
     """Sending the same chunk again (as a broker redelivery would) leaves one prediction per image."""
+    from skinscan.broker import celery_for
+    from skinscan.jobs.dispatch import chunked
     from worker import pipeline
-    from worker.celery_app import celery_for
-    from worker.dispatch import chunked
 
     files, _ = isic_test_images(20)
     stack.worker()

@@ -18,9 +18,9 @@ from test_job_management import noise_jpeg
 from test_prediction_writes import _Rules
 
 from skinscan.db import get_engine, session_scope
+from skinscan.jobs.dispatch import pending_image_ids
 from skinscan.model.scorer import Scored
 from skinscan.tables import ImageRecord, Job, JobChunk
-from worker.dispatch import pending_image_ids
 
 
 def submit(api: Api, n: int, **form: str) -> str:

@@ -213,8 +213,8 @@ def test_storage_error_mid_upload_keeps_nothing(stack, ham_files, monkeypatch, r
     """A put whose answer is lost (the object was stored, the client saw an error) answers 503 "nothing was
     kept", from the API and from the new-job page. If storage works again at once, every object of the upload is
     deleted before the answer; if it stays down, the beat sweep deletes them once it is back."""
+    from skinscan.broker import create_celery
     from skinscan.storage import S3Storage, StorageError
-    from worker.celery_app import create_celery
 
     settings = stack.settings()
     client = make_client(settings)

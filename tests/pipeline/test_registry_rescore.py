@@ -272,8 +272,8 @@ def test_schedule_is_on_by_default_configurable_and_routed_to_the_rescore_queue(
     """The beat schedule names the nightly re-score at 02:00 UTC by default, moves with settings, can be off."""
     from celery.schedules import crontab
 
+    from skinscan.broker import create_celery
     from skinscan.settings import load_settings
-    from worker.celery_app import create_celery
     from worker.tasks import nightly_rescore, rescore_chunk
 
     for name in ("SKINSCAN_RESCORE_ENABLED", "SKINSCAN_RESCORE_HOUR", "SKINSCAN_RESCORE_MINUTE"):

@@ -321,7 +321,8 @@ def _drop(client: redis.Redis, queue: str, task_id: str) -> None:
 def test_sweeper_resends_only_the_lost_chunk(stack) -> None:  # type: ignore[no-untyped-def]
     """A stalled job of four chunks: one held by a worker, one lost, one waiting at the head of the queue (all three
     dispatched long ago) and one sent just now. The sweeper sends the lost one again, and nothing else."""
-    from worker.dispatch import enqueue_job, requeue_lost
+    from skinscan.jobs.dispatch import enqueue_job
+    from worker.dispatch import requeue_lost
 
     settings = stack.settings()
     production(settings)

@@ -61,7 +61,7 @@ def test_nightly_task_in_a_worker_deletes_jobs_past_retention_a_batch_per_task(
     Celery worker consuming only the low-priority queue, deletes A's two jobs past 30 days (objects, rows, one
     `job.delete` event each by `retention`) in tasks of one job each, and leaves A's 29-day-old job and B's
     400-day-old job with every object."""
-    from worker.celery_app import celery_for
+    from skinscan.broker import celery_for
 
     settings = stack.settings()
     other = make_client(settings)
@@ -115,7 +115,7 @@ def test_beat_schedules_retention_nightly_on_the_low_priority_queue(stack: Any) 
     """beat sends the retention task at SKINSCAN_RETENTION_HOUR:MINUTE UTC, routed behind clinic uploads."""
     from private_services import settings_with
 
-    from worker.celery_app import RESCORE_QUEUE, create_celery
+    from skinscan.broker import RESCORE_QUEUE, create_celery
 
     app = create_celery(settings_with(stack, SKINSCAN_RETENTION_HOUR="4", SKINSCAN_RETENTION_MINUTE="15"))
     entry = app.conf.beat_schedule["nightly-retention"]

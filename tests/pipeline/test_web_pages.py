@@ -135,8 +135,8 @@ def add_plots_and_card(bundle: Any) -> None:
 def score_in_process(settings: Any, job_id: str) -> None:
     """Run the real scoring pipeline for a job's pending images in this process (no worker needed)."""
     from skinscan.db import session_scope
+    from skinscan.jobs.dispatch import pending_image_ids
     from worker import pipeline
-    from worker.dispatch import pending_image_ids
 
     with session_scope(settings) as session:
         ids = pending_image_ids(session, job_id)
