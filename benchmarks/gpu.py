@@ -164,6 +164,7 @@ def worker_path(bundle_path: Path, images: list[tuple[str, bytes]], chunk: int, 
     from skinscan.tables import Clinic
     from worker import pipeline
 
+    load_settings.cache_clear()  # the environment changed just above
     settings = load_settings()
     upgrade(settings)
     with session_scope(settings) as session:

@@ -25,7 +25,6 @@ dropped at the end.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -331,8 +330,10 @@ def run_size(n: int, args: argparse.Namespace, out_dir: Path, redis_url: str) ->
     try:
         for name in ("REDIS_URL", "S3_BUCKET", "SKINSCAN_ENV"):
             os.environ.pop(name, None)
-        settings = dataclasses.replace(load_settings(), database_url=db.url, data_dir=tmp, redis_url=redis_url,
-                                       s3_bucket=None, rate_limit_per_minute=0, chunk_size=args.chunk)
+        load_settings.cache_clear()  # the environment changed just above
+        settings = load_settings().model_copy(update=dict(database_url=db.url, data_dir=tmp, redis_url=redis_url,
+                                                          s3_bucket=None, rate_limit_per_minute=0,
+                                                          chunk_size=args.chunk))
         with progress(f"{n:,} images: migrations"):
             upgrade(settings)
         with progress(f"{n:,} images: generating {n:,} images, predictions and audit rows"):

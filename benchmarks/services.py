@@ -118,15 +118,19 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
-    """Set os.environ to env for the block, then restore it."""
+    """Set os.environ to env for the block, then restore it (settings are read again inside and after it)."""
+    from skinscan.settings import load_settings
+
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
+    load_settings.cache_clear()
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        load_settings.cache_clear()
 
 
 class Deployment:

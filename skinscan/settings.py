@@ -1,22 +1,21 @@
 """Every setting SkinScan reads from the environment, in one place (see .env.example for the list).
 
-`Settings` lists them once, typed, with their defaults and limits. Each field `x` is read from the environment
-variable `SKINSCAN_X` (or the name in ENV_NAMES) by a pydantic-settings model built from that list, so a setting
-is one line here. Every value is validated: a typo in a number or a boolean (`SKINSCAN_RESCORE_ENABLED=ture`)
-stops the process with one ConfigError naming every bad variable, instead of silently reading as a default or false.
-An empty variable counts as unset.
+`Settings` is one pydantic-settings class: each field `x` is read from the environment variable `SKINSCAN_X` (or
+the name its validation alias gives), typed, with its default and limits, so a setting is one line here. Every value
+is validated: a typo in a number or a boolean (`SKINSCAN_RESCORE_ENABLED=ture`) stops the process with one
+ConfigError naming every bad variable, instead of silently reading as a default or false. An empty variable counts
+as unset. Nothing reads the environment at import time: `load_settings()` reads it on first use and keeps the result
+for the process (`load_settings.cache_clear()` reads it again; `read_settings()` always reads it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, create_model
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "dev-insecure-change-me"
@@ -52,6 +51,16 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def _mode(value: Any) -> Any:
+    """SKINSCAN_ENV names a mode, production or development: a misspelt one must not mean development."""
+    if not isinstance(value, str):
+        return value
+    mode = value.strip().lower()
+    if mode not in ("production", "development"):
+        raise PydanticCustomError("mode", "Input should be 'production' or 'development'")
+    return mode == "production"
+
+
 Count = Annotated[int, Field(ge=0)]  # 0 is meaningful (off, or automatic)
 Positive = Annotated[int, Field(ge=1)]
 ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
@@ -59,38 +68,32 @@ UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
 Backend = Annotated[Literal["auto", "onnx", "torch"], BeforeValidator(_lower)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Mode = Annotated[bool, BeforeValidator(_mode)]
 
-# Fields read from a variable other than SKINSCAN_<FIELD>.
-ENV_NAMES = {
-    "database_url": "DATABASE_URL",
-    "redis_url": "REDIS_URL",
-    "s3_bucket": "S3_BUCKET",
-    "s3_endpoint_url": "S3_ENDPOINT_URL",
-    "secret_key": "SECRET_KEY",
-    "s3_access_key_id": "AWS_ACCESS_KEY_ID",
-    "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-    "model_path": "SKINSCAN_MODEL",
-    "production": "SKINSCAN_ENV",
-}
 # Values never repeated in an error message.
 _SECRET_FIELDS = {"database_url", "redis_url", "secret_key", "s3_secret_access_key"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """SkinScan's configuration; embedded defaults unless production services are named."""
+class Settings(BaseSettings):
+    """SkinScan's configuration, read from the environment; embedded defaults unless production services are named."""
 
-    data_dir: ResolvedPath = dataclasses.field(default_factory=default_data_dir)  # per user, not the working folder
-    database_url: str = ""  # "": the SQLite file skinscan.db in data_dir
+    model_config = SettingsConfigDict(env_prefix="SKINSCAN_", env_ignore_empty=True, extra="ignore",
+                                      case_sensitive=False, frozen=True)
+
+    # per user (platformdirs follows XDG_DATA_HOME when settings are read), not the working folder
+    data_dir: ResolvedPath = Field(default_factory=lambda: _resolved(default_data_dir()))
+    # "": the SQLite file skinscan.db in data_dir; postgres:// URLs get the psycopg 3 driver
+    database_url: str = Field("", validation_alias="DATABASE_URL", validate_default=True)
     db_runtime_role: str | None = None  # `skinscan migrate` grants this PostgreSQL role the runtime privileges
-    redis_url: str | None = None
-    s3_bucket: str | None = None
-    s3_endpoint_url: str | None = None
-    s3_access_key_id: str | None = None  # boto3 reads these itself; here only for the production check
-    s3_secret_access_key: str | None = None
-    secret_key: str = DEFAULT_SECRET
-    model_path: UserPath | None = None
-    production: bool = False  # SKINSCAN_ENV=production (or development, the default)
+    redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+    s3_bucket: str | None = Field(None, validation_alias="S3_BUCKET")
+    s3_endpoint_url: str | None = Field(None, validation_alias="S3_ENDPOINT_URL")
+    # boto3 reads these itself; here only for the production check
+    s3_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    s3_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    secret_key: str = Field(DEFAULT_SECRET, validation_alias="SECRET_KEY")
+    model_path: UserPath | None = Field(None, validation_alias="SKINSCAN_MODEL")
+    production: Mode = Field(False, validation_alias="SKINSCAN_ENV")  # production, or development (the default)
     chunk_size: Positive = 32
     batch_size: Count = 0  # 0: the best measured for the backend (skinscan.model.predictor.BATCH_SIZES)
     backend: Backend = "auto"
@@ -125,6 +128,18 @@ class Settings:
     log_level: LogLevel = "INFO"
     referral_sensitivity: Fraction | None = None  # None: the bundle's default operating point
     model_cache_dir: ResolvedPath | None = None  # None: <data_dir>/model-cache (see model_cache)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, raw: str, info: ValidationInfo) -> str:
+        """The SQLAlchemy URL: SQLite in data_dir when unset; postgres:// URLs get the psycopg 3 driver."""
+        if not raw:
+            data_dir = info.data.get("data_dir")
+            return f"sqlite:///{data_dir / 'skinscan.db'}" if data_dir is not None else raw
+        for scheme in ("postgres://", "postgresql://"):
+            if raw.startswith(scheme):
+                return "postgresql+psycopg://" + raw[len(scheme):]
+        return raw
 
     @property
     def embedded(self) -> bool:
@@ -187,75 +202,33 @@ class Settings:
 
 def env_name(field: str) -> str:
     """Return the environment variable a Settings field is read from."""
-    return ENV_NAMES.get(field, "SKINSCAN_" + field.upper())
-
-
-class _EnvironmentBase(BaseSettings):
-    """Reads the environment: names case-insensitive, an empty variable counts as unset, others ignored."""
-
-    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", case_sensitive=False, frozen=True)
-
-
-@cache
-def environment_model() -> type[BaseSettings]:
-    """The pydantic-settings model of Settings: the same fields, types, defaults and limits, read from env_name."""
-    hints = get_type_hints(Settings, include_extras=True)
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(Settings):
-        kind, default = hints[field.name], field.default
-        if field.name == "production":  # SKINSCAN_ENV names a mode: a misspelt one must not mean "development"
-            kind, default = Annotated[Literal["production", "development"], BeforeValidator(_lower)], "development"
-        elif field.name == "data_dir":  # read when settings are read: platformdirs follows XDG_DATA_HOME
-            kind, default = ResolvedPath | None, None
-        fields[field.name] = (kind, Field(default, validation_alias=env_name(field.name)))
-    return create_model("EnvironmentSettings", __base__=_EnvironmentBase, __module__=__name__, **fields)
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else "SKINSCAN_" + field.upper()
 
 
 def _describe(error: Any) -> str:
     """One bad variable: its name, what is wrong, and the value read (unless it may hold a secret)."""
     loc = str(error["loc"][0]) if error.get("loc") else "?"
-    field = {env_name(f.name).lower(): f.name for f in dataclasses.fields(Settings)}.get(loc.lower())
+    names = {name: name for name in Settings.model_fields} | {env_name(name).lower(): name
+                                                                for name in Settings.model_fields}
+    field = names.get(loc.lower())
     got = "" if field in _SECRET_FIELDS else f" (got {error.get('input')!r})"
     message = str(error["msg"])
     return f"{env_name(field) if field else loc.upper()}: {message[:1].lower()}{message[1:]}{got}"
 
 
-def _database_url(raw: str, data_dir: Path) -> str:
-    """The SQLAlchemy URL: SQLite in data_dir when unset; postgres:// URLs get the psycopg 3 driver."""
-    if not raw:
-        return f"sqlite:///{data_dir / 'skinscan.db'}"
-    for scheme in ("postgres://", "postgresql://"):
-        if raw.startswith(scheme):
-            return "postgresql+psycopg://" + raw[len(scheme):]
-    return raw
-
-
-def load_settings() -> Settings:
-    """Read and validate settings from the environment; one ConfigError names every bad variable.
-
-    Reading costs a few milliseconds (pydantic validates every field), and a worker asks once per task: the
-    result is kept for as long as the environment and the working directory (relative paths) stay the same.
-    """
-    key = (frozenset(os.environ.items()), os.getcwd())
-    cached = _LOADED.get(key)
-    if cached is None:
-        cached = _read_settings()
-        _LOADED.clear()  # one environment at a time: a test that changes it gets a fresh read
-        _LOADED[key] = cached
-    return cached
-
-
-_LOADED: dict[tuple[frozenset[tuple[str, str]], str], Settings] = {}
-
-
-def _read_settings() -> Settings:
+def read_settings() -> Settings:
+    """Read and validate settings from the environment now; one ConfigError names every bad variable."""
     try:
-        values = environment_model()().model_dump()
+        return Settings()
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{len(problems)} setting{'s are' if len(problems) > 1 else ' is'} not valid: "
                           + "; ".join(problems)) from None
-    values["production"] = values["production"] == "production"
-    values["data_dir"] = values["data_dir"] or _resolved(default_data_dir())
-    values["database_url"] = _database_url(values["database_url"], values["data_dir"])
-    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """This process's settings: read from the environment on first use, then kept (pydantic validates every field,
+    a few milliseconds, and a worker asks once per task). load_settings.cache_clear() makes the next call read again."""
+    return read_settings()

@@ -8,6 +8,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,21 @@ HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localiza
 SMOKE_ARCH = "tf_efficientnet_lite0"
 SMOKE_INPUT = 64
 SMOKE_IMAGES = 150
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings() -> Iterator[Callable[[], Any]]:
+    """load_settings() keeps what it read for the process: each test starts and ends with it cleared, and a test
+    that changes the environment after settings were read calls this fixture's value for settings read again."""
+    from skinscan.settings import load_settings
+
+    def read_again() -> Any:
+        load_settings.cache_clear()
+        return load_settings()
+
+    load_settings.cache_clear()
+    yield read_again
+    load_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -31,3 +31,8 @@ def sixteen_bit_png(width: int, height: int) -> bytes:
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def replace(settings: Any, **changes: Any) -> Any:
+    """Settings with some fields changed, as dataclasses.replace did for them (a copy; not validated again)."""
+    return settings.model_copy(update=changes)

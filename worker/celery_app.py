@@ -1,11 +1,13 @@
-"""The Celery app a worker and beat run: skinscan.broker's app for this broker, with the lease renewal step."""
+"""The Celery app a worker and beat run: skinscan.broker's app for their broker, with the lease renewal step.
+
+Built when a command asks for it, from the settings it read: importing this module reads no settings."""
 
 from __future__ import annotations
 
 from celery import Celery
 
 from skinscan.broker import celery_for
-from skinscan.settings import Settings, load_settings
+from skinscan.settings import Settings
 from worker.leases import LeaseRenewal
 
 
@@ -15,6 +17,3 @@ def worker_celery(settings: Settings) -> Celery:
     if LeaseRenewal not in app.steps["consumer"]:
         app.steps["consumer"].add(LeaseRenewal)
     return app
-
-
-celery_app = worker_celery(load_settings())

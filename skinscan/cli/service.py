@@ -130,8 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
     from web import create_app
-    from worker.celery_app import celery_app
+    from worker.celery_app import worker_celery
 
+    celery_app = worker_celery(settings)
     app = create_app(settings)
     server = make_server(args.host, args.port, app, threaded=True)
     threading.Thread(target=server.serve_forever, name="web", daemon=True).start()
@@ -191,11 +192,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     concurrency = args.concurrency or gpus or cores
     if not settings.threads and not gpus:
         os.environ["SKINSCAN_THREADS"] = str(max(1, cores // concurrency))
+        from skinscan.settings import load_settings as cached
+
+        cached.cache_clear()  # the worker's processes read the settings again, with it
     if settings.worker_nice > 0:
         # Batch scoring yields the CPU to whatever shares the machine (the web's requests, the database):
         # status polls stay fast while a job runs, and the worker still gets every cycle nobody else wants.
         os.nice(settings.worker_nice)
-    from worker.celery_app import celery_app
+    from worker.celery_app import worker_celery
     from worker.leases import LeaseSupportError, require_lease_support
 
     if settings.redis_url:
@@ -203,8 +207,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             require_lease_support()
         except LeaseSupportError as exc:
             raise SystemExit(f"refusing to start the worker: {exc}") from None
-    celery_app.worker_main(["worker", "--queues", args.queues, "--concurrency", str(concurrency),
-                            "--loglevel", settings.log_level, "--hostname", args.hostname])
+    worker_celery(settings).worker_main(["worker", "--queues", args.queues, "--concurrency", str(concurrency),
+                                         "--loglevel", settings.log_level, "--hostname", args.hostname])
     return 0
 
 
@@ -223,11 +227,11 @@ def cmd_beat(_args: argparse.Namespace) -> int:
     settings = load_settings()
     settings.check_production()
     _warn_if_privileged(settings)
-    from worker.celery_app import celery_app
+    from worker.celery_app import worker_celery
 
     schedule = settings.data_dir / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    celery_app.start(["beat", "--loglevel", settings.log_level, "--schedule", str(schedule)])
+    worker_celery(settings).start(["beat", "--loglevel", settings.log_level, "--schedule", str(schedule)])
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,11 @@ def test_upload_keys_by_version_and_checksum(env: dict[str, Any]) -> None:
     assert hashlib.sha256(storage.get(stored.prefix + MANIFEST_FILE)).hexdigest() == stored.checksum
 
 
-def test_cache_setting_defaults_under_data_dir(env: dict[str, Any], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from skinscan.settings import load_settings
-
+def test_cache_setting_defaults_under_data_dir(env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               fresh_settings: Callable[[], Any]) -> None:
     assert env["settings"].model_cache == tmp_path / "machine" / "model-cache"
     monkeypatch.setenv("SKINSCAN_MODEL_CACHE_DIR", str(tmp_path / "elsewhere"))
-    assert load_settings().model_cache == tmp_path / "elsewhere"
+    assert fresh_settings().model_cache == tmp_path / "elsewhere"
 
 
 def test_first_use_fetches_then_cache_serves(env: dict[str, Any]) -> None:

@@ -69,13 +69,17 @@ def test_counters_follow_each_chunk_and_a_redelivery_moves_nothing(
     assert (counts["scored"], counts["failed"]) == (3, 1)
 
 
-def test_settings_are_read_again_when_the_environment_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_are_read_once_then_again_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                      fresh_settings: Callable[[], Any]) -> None:
+    """A worker asks for its settings once per task: the first read is kept (a change of environment is seen
+    after load_settings.cache_clear(), which the fresh_settings fixture does)."""
     from skinscan.settings import load_settings
 
     monkeypatch.setenv("SKINSCAN_CHUNK_SIZE", "17")
     first = load_settings()
     assert load_settings() is first and first.chunk_size == 17
     monkeypatch.setenv("SKINSCAN_CHUNK_SIZE", "19")
-    assert load_settings().chunk_size == 19
+    assert load_settings() is first
+    assert fresh_settings().chunk_size == 19
     monkeypatch.delenv("SKINSCAN_CHUNK_SIZE")
-    assert load_settings().chunk_size == 32
+    assert fresh_settings().chunk_size == 32

@@ -67,9 +67,9 @@ def test_worker_command_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setattr(service, "_check_model", lambda settings: None)
     monkeypatch.setattr(leases, "require_lease_support", broken)
-    from worker.celery_app import celery_app
+    from celery import Celery
 
-    monkeypatch.setattr(celery_app, "worker_main", lambda argv: started.append(argv))
+    monkeypatch.setattr(Celery, "worker_main", lambda self, argv: started.append(argv))
     monkeypatch.setattr(service.os, "nice", lambda n: None)
     with pytest.raises(SystemExit) as err:
         service.cmd_worker(argparse.Namespace(queues="skinscan", concurrency=1, hostname="t@h"))

@@ -57,7 +57,7 @@ def test_model_page_shows_test_figures_points_and_counts(app: Flask, settings: A
                                                          in_use: str) -> None:
     _bundle_folder(settings)
     if sensitivity:
-        from dataclasses import replace
+        from tests_helpers import replace
 
         app.extensions["skinscan.settings"] = replace(app.extensions["skinscan.settings"],
                                                       referral_sensitivity=float(sensitivity))

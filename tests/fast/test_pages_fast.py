@@ -6,7 +6,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from fastweb import SentTasks, make_clinic
 from flask import Flask
 from flask.testing import FlaskClient
 from realservices import Api
+from tests_helpers import replace
 
 PASSWORD = "correct horse battery"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from skinscan.settings import ConfigError, load_settings
+from skinscan.settings import ConfigError, read_settings
 
 SERVICES = {"DATABASE_URL": "postgresql://db/skinscan", "REDIS_URL": "redis://redis:6379/0", "S3_BUCKET": "images",
             "SECRET_KEY": "a-long-random-production-secret-" + "x" * 32}
@@ -15,7 +15,7 @@ def test_production_names_every_missing_service(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SKINSCAN_ENV", "production")
     with pytest.raises(ConfigError) as refused:
-        load_settings().check_production()
+        read_settings().check_production()
     for name in SERVICES:
         assert name in str(refused.value)
 
@@ -25,16 +25,16 @@ def test_production_starts_only_with_everything(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("SKINSCAN_ENV", "production")
     for name, value in SERVICES.items():
         monkeypatch.setenv(name, value)
-    load_settings().check_production()  # all there: no error
+    read_settings().check_production()  # all there: no error
     monkeypatch.delenv(missing)
     with pytest.raises(ConfigError, match=missing):
-        load_settings().check_production()
+        read_settings().check_production()
 
 
 def test_embedded_needs_none_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [*SERVICES, "SKINSCAN_ENV"]:
         monkeypatch.delenv(name, raising=False)
-    load_settings().check_production()
+    read_settings().check_production()
 
 
 @pytest.mark.parametrize("name,value", [
@@ -54,8 +54,8 @@ def test_production_refuses_known_default_credentials(monkeypatch: pytest.Monkey
         monkeypatch.setenv(service, setting)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "skinscan-app")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-random-app-secret-" + "y" * 20)
-    load_settings().check_production()
+    read_settings().check_production()
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name.split("_")[0]) as refused:
-        load_settings().check_production()
+        read_settings().check_production()
     assert value not in str(refused.value)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +13,7 @@ from flask import Flask
 from realservices import Api
 from sqlalchemy import event
 from test_pages_fast import make_user, sign_in
+from tests_helpers import replace
 
 import web.ratelimit
 from skinscan.db import get_engine

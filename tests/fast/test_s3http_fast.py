@@ -258,7 +258,7 @@ def test_get_checks_the_stored_checksum(checksummed) -> None:  # type: ignore[no
 
 def test_production_refuses_unsigned_storage(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """No S3 credentials anywhere: development reads a public bucket anonymously, production refuses to."""
-    from dataclasses import replace
+    from tests_helpers import replace
 
     from skinscan.settings import ConfigError, load_settings
     from skinscan.storage import get_storage

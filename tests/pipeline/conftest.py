@@ -65,12 +65,12 @@ class Stack:
 
     def settings(self) -> Any:
         """Settings as the processes of this stack read them."""
-        from skinscan.settings import load_settings
+        from skinscan.settings import read_settings
 
         saved = dict(os.environ)
         os.environ.update(self.env)
         try:
-            return load_settings()
+            return read_settings()
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -190,12 +190,12 @@ def make_client(settings: Any, name: str | None = None) -> Client:
 
 def settings_with(stack: Any, **env: str) -> Any:
     """Settings as a process of this stack would read them with extra environment variables."""
-    from skinscan.settings import load_settings
+    from skinscan.settings import read_settings
 
     saved = dict(os.environ)
     os.environ.update({**stack.env, **env})
     try:
-        return load_settings()
+        return read_settings()
     finally:
         os.environ.clear()
         os.environ.update(saved)

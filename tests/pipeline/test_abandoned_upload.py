@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from PIL import Image
 from sqlalchemy import select
+from tests_helpers import replace
 
 pytestmark = [pytest.mark.services]
 

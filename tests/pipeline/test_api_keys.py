@@ -8,13 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from realservices import ROOT
 from sqlalchemy import select
 from test_web_pages import Staff, make_user
+from tests_helpers import replace
 
 from skinscan.api_keys import ApiKeyError, revoke_key
 from skinscan.db import session_scope

@@ -5,6 +5,7 @@ Celery worker processes."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def copy_bucket(source: Any, target: Any) -> int:
 
 
 def test_backup_restore_drill(rstack: Any, two_bundles: tuple[Path, Path],  # noqa: F811 - fixtures by name
-                              isic2017_dir: Path, moto: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+                              isic2017_dir: Path, moto: Any, monkeypatch: pytest.MonkeyPatch,
+                              fresh_settings: Callable[[], Any]) -> None:
     """Fill a deployment (two scored jobs, reviews, model B promoted and a re-score, a heatmap), back it up as the
     README says (pg_dump, then the bucket), restore both into fresh ones, start web and a worker on them: every
     row of every table, every export, review and audit row is as at the dump, every image readable, and the
@@ -135,6 +137,7 @@ def test_backup_restore_drill(rstack: Any, two_bundles: tuple[Path, Path],  # no
                             "SKINSCAN_MODEL_CACHE_DIR": str(rstack.tmp / "restored-cache")}.items():
             rstack.env[name] = value
             monkeypatch.setenv(name, value)
+        fresh_settings()  # the commands run in this process read the restored deployment's settings
         redis.Redis.from_url(rstack.redis_url).flushdb()
         restored = rstack.settings()
         assert cli("migrate")[0] == 0  # already at head: nothing to do

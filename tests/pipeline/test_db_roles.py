@@ -7,13 +7,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import psycopg
 import pytest
 from realservices import PG_ADMIN, ROOT, Api
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError
+from tests_helpers import replace
 
 from skinscan.audit import record
 from skinscan.settings import ConfigError

@@ -393,7 +393,7 @@ def test_web_killed_during_upload(lab, spawn, job_files) -> None:  # type: ignor
 
     # The sweeper leaves a recent upload alone and closes one idle past the limit with the images it holds,
     # saying why (tests/pipeline/test_abandoned_upload.py follows such a job to `done`).
-    from dataclasses import replace
+    from tests_helpers import replace
 
     from worker.stale_uploads import close_stale_uploads
 

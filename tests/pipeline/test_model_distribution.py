@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,12 @@ def tiny_bundle(out: Path, version: str, seed: int = 0) -> Path:
 
 def settings_with(env: dict[str, str]) -> Any:
     """Settings as a process with this environment reads them."""
-    from skinscan.settings import load_settings
+    from skinscan.settings import read_settings
 
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        return load_settings()
+        return read_settings()
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -113,7 +114,8 @@ def sign_in(app: Any, settings: Any) -> Any:
 
 
 def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                fresh_settings: Callable[[], Any]) -> None:
     """Register and promote a bundle on machine R (then delete it there); a worker on machine K, whose cache
     holds a damaged copy, detects it, fetches the bundle again and scores a job submitted on web machine W; W's
     Model page shows the card and plot from inside the bundle; a damaged stored object is refused, not served."""
@@ -168,6 +170,7 @@ def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_pa
 
     # Machine W (this process) takes the upload; K scores it with the registered version.
     monkeypatch.setenv("SKINSCAN_DATA_DIR", web_env["SKINSCAN_DATA_DIR"])
+    fresh_settings()  # what this process's code reads from now on
     from skinscan.security import create_api_key
     from skinscan.tables import Clinic
 
@@ -225,6 +228,7 @@ def test_bundle_registered_on_one_machine_is_served_on_others(stack: Any, tmp_pa
         local_bundle(ref, fresh)
     assert not cache_folder(ref, fresh).exists()
     monkeypatch.setenv("SKINSCAN_DATA_DIR", fresh_env["SKINSCAN_DATA_DIR"])
+    fresh_settings()  # what this process's code reads from now on
     page = sign_in(create_app(fresh), fresh).get("/model")
     assert page.status_code == 200 and "could not be fetched" in page.text and "travels inside" not in page.text
 
@@ -305,7 +309,8 @@ def _queued_messages(redis_url: str, queue: str) -> int:
     return sum(client.llen(k) for k in client.keys(f"{queue}*") if client.type(k) == b"list")
 
 
-def test_two_nightly_tasks_of_one_night_start_one_run(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_nightly_tasks_of_one_night_start_one_run(stack: Any, monkeypatch: pytest.MonkeyPatch,
+                                                      fresh_settings: Callable[[], Any]) -> None:
     """Two beats send the nightly task; both run at once on PostgreSQL: one claims the night and starts the run,
     the other finds the claim and does nothing (no second run, no second set of chunks); a retry of the winner
     goes on; the next night is claimed afresh."""
@@ -317,7 +322,7 @@ def test_two_nightly_tasks_of_one_night_start_one_run(stack: Any, monkeypatch: p
 
     for name, value in stack.env.items():
         monkeypatch.setenv(name, value)
-    settings = stack.settings()
+    settings = fresh_settings()
     _stored_images_scored_by_an_old_model(settings, 40)
     night = datetime(2026, 11, 27, 2, 0, 5, tzinfo=UTC)
     barrier = threading.Barrier(2)

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import redis
 from private_services import Client, RedisServer, make_client
 from realservices import ROOT
 from sqlalchemy import event
+from tests_helpers import replace
 
 from skinscan.db import get_engine
 

@@ -209,7 +209,8 @@ def test_web_killed_mid_upload_leaves_no_orphan_after_sweep(stack, ham_files) ->
 
 
 @pytest.mark.parametrize(("route", "outage"), [("api", False), ("api", True), ("pages", False)])
-def test_storage_error_mid_upload_keeps_nothing(stack, ham_files, monkeypatch, route: str, outage: bool) -> None:  # type: ignore[no-untyped-def]
+def test_storage_error_mid_upload_keeps_nothing(stack, ham_files, monkeypatch, fresh_settings,  # type: ignore[no-untyped-def]
+                                                route: str, outage: bool) -> None:
     """A put whose answer is lost (the object was stored, the client saw an error) answers 503 "nothing was
     kept", from the API and from the new-job page. If storage works again at once, every object of the upload is
     deleted before the answer; if it stays down, the beat sweep deletes them once it is back."""
@@ -263,6 +264,7 @@ def test_storage_error_mid_upload_keeps_nothing(stack, ham_files, monkeypatch, r
     assert schedule["sweep-orphaned-objects"]["task"] == "worker.tasks.sweep_orphans"
     for name, value in {**stack.env, "SKINSCAN_ORPHAN_GRACE_SECONDS": "0"}.items():
         monkeypatch.setenv(name, value)
+    fresh_settings()  # the task reads them
     from worker.tasks import sweep_orphans
 
     assert sweep_orphans.run() == 0 and intents(settings) == 1  # still down: nothing lost, tried again later

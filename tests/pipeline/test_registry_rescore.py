@@ -98,7 +98,7 @@ def two_bundles(tmp_path_factory: pytest.TempPathFactory, isic2017_dir: Path) ->
 
 
 @pytest.fixture()
-def rstack(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def rstack(stack: Any, monkeypatch: pytest.MonkeyPatch, fresh_settings: Callable[[], Any]) -> Iterator[Any]:
     """The stack on a Redis database of its own (db 9 is shared by other test modules), its env in this process."""
     claims = redis.Redis.from_url(f"{REDIS_BASE}/0")
     key = None
@@ -115,6 +115,7 @@ def rstack(stack: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     for name, value in stack.env.items():
         if os.environ.get(name) != value:
             monkeypatch.setenv(name, value)
+    fresh_settings()  # code run in this process reads this stack's settings
     yield stack
     for w in stack.workers:
         w.stop()
@@ -268,24 +269,23 @@ def start_beat_before_its_minute(stack: Any) -> Beat:
 # --- tests ----------------------------------------------------------------------------------------------------
 
 
-def test_schedule_is_on_by_default_configurable_and_routed_to_the_rescore_queue(monkeypatch):
+def test_schedule_is_on_by_default_configurable_and_routed_to_the_rescore_queue(monkeypatch, fresh_settings):
     """The beat schedule names the nightly re-score at 02:00 UTC by default, moves with settings, can be off."""
     from celery.schedules import crontab
 
     from skinscan.broker import create_celery
-    from skinscan.settings import load_settings
     from worker.tasks import nightly_rescore, rescore_chunk
 
     for name in ("SKINSCAN_RESCORE_ENABLED", "SKINSCAN_RESCORE_HOUR", "SKINSCAN_RESCORE_MINUTE"):
         monkeypatch.delenv(name, raising=False)
-    entry = create_celery(load_settings()).conf.beat_schedule["nightly-rescore"]
+    entry = create_celery(fresh_settings()).conf.beat_schedule["nightly-rescore"]
     assert entry["task"] == "worker.tasks.nightly_rescore" and entry["schedule"] == crontab(hour=2, minute=0)
     monkeypatch.setenv("SKINSCAN_RESCORE_HOUR", "23")
     monkeypatch.setenv("SKINSCAN_RESCORE_MINUTE", "45")
-    entry = create_celery(load_settings()).conf.beat_schedule["nightly-rescore"]
+    entry = create_celery(fresh_settings()).conf.beat_schedule["nightly-rescore"]
     assert entry["schedule"] == crontab(hour=23, minute=45)
     monkeypatch.setenv("SKINSCAN_RESCORE_ENABLED", "false")
-    assert "nightly-rescore" not in create_celery(load_settings()).conf.beat_schedule
+    assert "nightly-rescore" not in create_celery(fresh_settings()).conf.beat_schedule
     assert nightly_rescore.queue == rescore_chunk.queue == "rescore"
 
 
@@ -557,7 +557,7 @@ def test_migration_0002_down_and_up_on_postgres(rstack):
     assert shape() == (True, True)
 
 
-def test_rescore_by_hand_on_the_embedded_database(tmp_path, two_bundles, isic2017_dir, monkeypatch):
+def test_rescore_by_hand_on_the_embedded_database(tmp_path, two_bundles, isic2017_dir, monkeypatch, fresh_settings):
     """Without Redis, `skinscan rescore` scores in its own process on SQLite; the report and counts still hold."""
     from skinscan.settings import load_settings
     from worker.pipeline import score_chunk
@@ -566,6 +566,7 @@ def test_rescore_by_hand_on_the_embedded_database(tmp_path, two_bundles, isic201
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SKINSCAN_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SKINSCAN_MODEL", str(two_bundles[0]))
+    fresh_settings()
     register_and_promote_a(two_bundles)
     settings = load_settings()
     assert settings.embedded and settings.database_url.startswith("sqlite")

@@ -29,11 +29,13 @@ def set_retention(stack: Any, monkeypatch: pytest.MonkeyPatch, clinic_id: str, d
     import io
 
     from skinscan.cli import main
+    from skinscan.settings import load_settings
 
     with session_scope(stack.settings()) as session:
         name = session.get(Clinic, clinic_id).name
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
+    load_settings.cache_clear()  # the command reads them
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["clinics", "retention", name, *(["--keep"] if days is None else ["--days", str(days)])]) == 0

@@ -8,7 +8,6 @@ import inspect
 import io
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from PIL import Image, PngImagePlugin
 from private_services import Client, make_client
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select, text
+from tests_helpers import replace
 
 from skinscan.db import get_engine, session_scope
 from skinscan.tables import AuditEvent, ImageRecord, Job
@@ -82,9 +82,9 @@ def test_keys_and_passwords_are_stored_hashed(stack) -> None:  # type: ignore[no
     assert client.get("/api/v1/jobs").status_code == 200
 
 
-def test_production_refuses_the_default_secret_key(stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_production_refuses_the_default_secret_key(stack, monkeypatch, fresh_settings) -> None:  # type: ignore[no-untyped-def]
     """SKINSCAN_ENV=production without SECRET_KEY: create_app raises ConfigError; with one it starts with HSTS."""
-    from skinscan.settings import ConfigError, load_settings
+    from skinscan.settings import ConfigError
     from web import create_app
 
     for name, value in stack.env.items():
@@ -94,7 +94,7 @@ def test_production_refuses_the_default_secret_key(stack, monkeypatch) -> None: 
     with pytest.raises(ConfigError, match="SECRET_KEY"):
         create_app()
     monkeypatch.setenv("SECRET_KEY", "a-long-random-production-secret-" + "x" * 32)
-    app = create_app(load_settings())
+    app = create_app(fresh_settings())
     resp = app.test_client().get("/healthz")
     assert resp.status_code == 200 and resp.headers["Strict-Transport-Security"].startswith("max-age=")
 

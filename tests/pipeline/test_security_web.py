@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -22,6 +21,7 @@ from private_services import ServiceProcess, make_client
 from realservices import ROOT, free_port, wait_port
 from sqlalchemy import select
 from test_web_pages import PASSWORD, Staff, csrf_token, make_user
+from tests_helpers import replace
 
 from skinscan.db import session_scope
 

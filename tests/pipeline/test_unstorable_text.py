@@ -4,12 +4,12 @@ a sign-in refused for it still counts against the throttle."""
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 
 import pytest
 from PIL import Image
 from private_services import make_client
 from test_web_pages import PASSWORD, Staff, csrf_token, make_user
+from tests_helpers import replace
 
 pytestmark = [pytest.mark.services]
 
