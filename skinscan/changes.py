@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
-import io
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -21,7 +19,7 @@ from typing import Any
 from sqlalchemy import or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from skinscan.csvsafe import csv_row
+from skinscan.csvsafe import iter_csv_text
 from skinscan.tables import ImageRecord, Prediction, RescoreChange, RescoreRun
 
 CSV_COLUMNS = ["image_id", "job_id", "filename", "change", "previous_model", "previous_label",
@@ -144,20 +142,12 @@ def change_rows(session: Session, run: RescoreRun, clinic_id: str | None = None)
     return list(iter_change_rows(session, run, clinic_id))
 
 
+def _change_cells(r: dict[str, Any]) -> list[Any]:
+    return [r["image_id"], r["job_id"], r["filename"], r["change"], r["previous_model"], r["previous_label"],
+            f"{r['previous_malignancy']:.6f}", int(r["previous_flagged"]), r["new_model"], r["new_label"],
+            f"{r['new_malignancy']:.6f}", int(r["new_flagged"]), r["true_label"] or ""]
+
+
 def iter_changes_csv(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     """Yield the change report as CSV text (header first), a line at a time; text cells are formula-safe."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    for r in rows:
-        writer.writerow(csv_row([
-            r["image_id"], r["job_id"], r["filename"], r["change"], r["previous_model"], r["previous_label"],
-            f"{r['previous_malignancy']:.6f}", int(r["previous_flagged"]), r["new_model"], r["new_label"],
-            f"{r['new_malignancy']:.6f}", int(r["new_flagged"]), r["true_label"] or "",
-        ]))
-        yield buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
-    rest = buf.getvalue()
-    if rest:
-        yield rest
+    return iter_csv_text(CSV_COLUMNS, ([_change_cells(r)] for r in rows))

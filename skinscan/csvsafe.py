@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 # OWASP "CSV Injection": a cell starting with one of these is read as a formula (or, for tab and CR, can be
@@ -37,3 +40,20 @@ def csv_cell(value: Any) -> Any:
 def csv_row(values: list[Any]) -> list[Any]:
     """Return a CSV row with every text cell made spreadsheet-safe (see csv_cell)."""
     return [csv_cell(v) for v in values]
+
+
+def iter_csv_text(header: Sequence[str], batches: Iterable[Iterable[list[Any]]]) -> Iterator[str]:
+    """Yield a CSV document as text to stream: the header, then one piece per batch of rows, every text cell made
+    spreadsheet-safe (csv_row)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for rows in batches:
+        for values in rows:
+            writer.writerow(csv_row(values))
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    rest = buf.getvalue()
+    if rest:
+        yield rest

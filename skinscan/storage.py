@@ -179,37 +179,47 @@ class S3Storage:
         return self._objects.presigner.presign(method, self.bucket, key, credentials, content_type=content_type,
                                                headers=headers)
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        """Upload bytes to the bucket."""
+    def _object_call(self, doing: str, key: str, call: Callable[[], T]) -> T:
+        """Run one call on an object; any failure is a StorageError saying so: "cannot <doing> object <key>: why"."""
         try:
-            if self._objects is None:
-                self._boto(f"PUT {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                                                        ContentType=content_type))
-                return
-            checksums = put_checksums(data)
-            response = self._objects.request("PUT", self._target("PUT", key, content_type, checksums), body=data,
-                                             headers={"Content-Type": content_type, **checksums})
+            return call()
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - botocore and the socket layer raise many types
-            raise StorageError(f"cannot store object {key}: {exc}") from exc
-        if response.status != 200:
-            raise StorageError(f"cannot store object {key}: HTTP {response.status} {_reason(response)}")
+            raise StorageError(f"cannot {doing} object {key}: {exc}") from exc
+
+    def _object_request(self, doing: str, key: str, call: Callable[[], Response],
+                        answers: tuple[int, ...] = (200,)) -> Response:
+        """Run one request on an object (_object_call); an HTTP status outside `answers` is a StorageError too."""
+        response = self._object_call(doing, key, call)
+        if response.status not in answers:
+            raise StorageError(f"cannot {doing} object {key}: HTTP {response.status} {_reason(response)}")
+        return response
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Upload bytes to the bucket."""
+        if self._objects is None:
+            self._object_call("store", key, lambda: self._boto(
+                f"PUT {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                                             ContentType=content_type)))
+            return
+        objects = self._objects
+
+        def send() -> Response:
+            checksums = put_checksums(data)
+            return objects.request("PUT", self._target("PUT", key, content_type, checksums), body=data,
+                                   headers={"Content-Type": content_type, **checksums})
+
+        self._object_request("store", key, send)
 
     def get(self, key: str) -> bytes:
         """Download an object's bytes."""
-        try:
-            if self._objects is None:
-                return self._boto(f"GET {key}", lambda: self.client.get_object(Bucket=self.bucket,
-                                                                               Key=key)["Body"].read())
-            response = self._objects.request("GET", self._target("GET", key, headers=GET_CHECKSUM),
-                                             headers=GET_CHECKSUM)
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - botocore and the socket layer raise many types
-            raise StorageError(f"cannot read object {key}: {exc}") from exc
-        if response.status != 200:
-            raise StorageError(f"cannot read object {key}: HTTP {response.status} {_reason(response)}")
+        if self._objects is None:
+            return self._object_call("read", key, lambda: self._boto(
+                f"GET {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()))
+        objects = self._objects
+        response = self._object_request("read", key, lambda: objects.request(
+            "GET", self._target("GET", key, headers=GET_CHECKSUM), headers=GET_CHECKSUM))
         try:
             if not verify_get(response):
                 log.debug("object %s has no stored checksum (written before checksums were sent)", key)
@@ -256,17 +266,13 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         """Delete an object (no error if absent)."""
-        try:
-            if self._objects is None:
-                self._boto(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
-                return
-            response = self._objects.request("DELETE", self._target("DELETE", key))
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot delete object {key}: {exc}") from exc
-        if response.status not in (200, 204, 404):
-            raise StorageError(f"cannot delete object {key}: HTTP {response.status} {_reason(response)}")
+        if self._objects is None:
+            self._object_call("delete", key, lambda: self._boto(
+                f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key)))
+            return
+        objects = self._objects
+        self._object_request("delete", key, lambda: objects.request("DELETE", self._target("DELETE", key)),
+                             answers=(200, 204, 404))
 
     def list_keys(self, prefix: str, older_than: float | None = None) -> list[str]:
         """Return the keys of the bucket's objects that start with prefix (every page of the listing; each page

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context, url_for
@@ -11,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.jobs.cancellation import CancelRefused
 from skinscan.jobs.intake import (
     UploadError,
     add_images,
@@ -24,6 +27,7 @@ from skinscan.jobs.intake import (
     label_details,
     parse_labels,
 )
+from skinscan.jobs.metrics import null_unsupported
 from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics
 from web.api_schemas import (
@@ -40,6 +44,7 @@ from web.auth import require_api_key
 from web.batches import batch_key_arg, claim_part, job_for_batch, part_arg
 from web.context import db, settings, storage
 from web.errors import ApiError
+from web.job_actions import cancel_owned_job, delete_owned_job, deleted_before
 from web.lookup import int_arg, owned_job
 from web.openapi import doc
 from web.results import iter_csv, job_images, job_summary, rows_for
@@ -88,6 +93,20 @@ def _existing(job: Job) -> tuple[Response, int]:
     return _created(job, 0, [], status=200, resumed=True)
 
 
+@contextmanager
+def _kept_or_discarded(session: Session) -> Iterator[None]:
+    """Store an upload (a new job, or a part of one): refused as a whole (UploadError) or with storage down, it is
+    rolled back, every object it stored is removed, and the client is told why (the refusal's status, or 503)."""
+    try:
+        yield
+    except UploadError as exc:
+        discard_stored(session, storage())
+        raise ApiError(str(exc), exc.status, exc.details) from None
+    except StorageError:
+        discard_stored(session, storage())
+        raise ApiError(STORAGE_DOWN, 503) from None
+
+
 @bp.post("/jobs")
 @doc(JobCreatedSchema, status=202, description="job created (and queued unless finalize=false)",
      form=UploadSchema, errors=(400, 413, 415, 503),
@@ -101,21 +120,16 @@ def create():  # type: ignore[no-untyped-def]
     if key and (known := job_for_batch(session, g.clinic.id, key)) is not None:
         return _existing(known)
     try:
-        result = create_job(session, storage(), g.clinic, _uploaded_files(), _labels_bytes(), settings(),
-                            g.actor, finalize=finalize, name=request.form.get("name"), batch_key=key)
-        session.commit()
+        with _kept_or_discarded(session):
+            result = create_job(session, storage(), g.clinic, _uploaded_files(), _labels_bytes(), settings(),
+                                g.actor, finalize=finalize, name=request.form.get("name"), batch_key=key)
+            session.commit()
     except IntegrityError:  # the same batch key, committed by a concurrent request meanwhile: answer its job
         discard_stored(session, storage())
         known = job_for_batch(session, g.clinic.id, key) if key else None
         if known is None:
             raise
         return _existing(known)
-    except UploadError as exc:
-        discard_stored(session, storage())
-        raise ApiError(str(exc), exc.status, exc.details) from None
-    except StorageError:
-        discard_stored(session, storage())
-        raise ApiError(STORAGE_DOWN, 503) from None
     enqueue_committed(db(), result.job, settings(), closed=finalize)  # a part is scored while the next uploads
     log.info("job %s created: %d images accepted, %d refused", result.job.id, result.accepted,
              len(result.rejected))
@@ -137,7 +151,7 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
     if part is not None and part != job.parts:
         return _part_received(job, part)
     session.commit()  # end the lookup's transaction: the part is stored with no transaction held open
-    try:
+    with _kept_or_discarded(session):
         accepted, rejected = add_images(session, storage(), job, iter_files(_uploaded_files(), settings()),
                                         settings())
         # add_images has locked the job's row (lock_open_job) just before inserting the rows: the part is counted
@@ -146,12 +160,6 @@ def add(job_id: str):  # type: ignore[no-untyped-def]
             discard_stored(session, storage())
             return _part_received(session.get(Job, job.id, populate_existing=True) or job, part)
         session.commit()
-    except UploadError as exc:
-        discard_stored(session, storage())
-        raise ApiError(str(exc), exc.status, exc.details) from None
-    except StorageError:
-        discard_stored(session, storage())
-        raise ApiError(STORAGE_DOWN, 503) from None
     session.refresh(job)  # its parts counter moved in SQL
     enqueue_committed(session, job, settings(), closed=False)  # scored while the next part uploads
     return _created(job, accepted, rejected)
@@ -227,11 +235,8 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
 @require_api_key
 def cancel(job_id: str):  # type: ignore[no-untyped-def]
     """Cancel a job that is uploading, queued or running: its images not yet scored are never scored; 200."""
-    from skinscan.jobs.cancellation import CancelRefused, cancel_job
-
-    job = owned_job(job_id)
     try:
-        job, cancelled = cancel_job(db(), job.id, g.actor)
+        job, cancelled = cancel_owned_job(job_id)
     except CancelRefused as exc:
         raise ApiError(str(exc), 409) from None
     body = job_summary(job, url_for("api.job_status", job_id=job.id, _external=True))
@@ -243,15 +248,8 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @require_api_key
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete a job, its results and its stored images (audited); deleting it again answers the same way."""
-    from skinscan.jobs.deletion import delete_job, retry_deleted, was_deleted
-
-    session = db()
-    job = session.get(Job, job_id) if len(job_id) <= 64 else None
-    if job is None or job.clinic_id != g.clinic.id:
-        if job is None and len(job_id) <= 64 and was_deleted(session, g.clinic.id, job_id):
-            return jsonify(retry_deleted(session, storage(), g.clinic.id, job_id).as_dict())
-        raise ApiError("job not found", 404)
-    return jsonify(delete_job(session, storage(), job, g.actor, settings().orphan_grace_seconds).as_dict())
+    deletion = deleted_before(job_id) or delete_owned_job(owned_job(job_id))
+    return jsonify(deletion.as_dict())
 
 
 @bp.get("/jobs/<job_id>/results")
@@ -293,8 +291,7 @@ def job_metrics(job_id: str):  # type: ignore[no-untyped-def]
         raise ApiError(f"metrics are computed when the job is done (now {job.status})", 409)
     audit.record(session, "job.view_metrics", g.actor, job.clinic_id, "job", job.id)
     session.commit()
-    from skinscan.jobs.metrics import null_unsupported  # per-class figures over no image are null (older rows too)
-
+    # per-class figures over no image are null (older rows too)
     return jsonify({"job": job_summary(job), "metrics": null_unsupported(dict(row.metrics))})
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from skinscan.csvsafe import csv_row
+from skinscan.csvsafe import iter_csv_text
 from skinscan.jobs.counts import job_counts
 from skinscan.labels import CLASSES
 from skinscan.model.registry import production_model
@@ -94,29 +92,21 @@ def job_images(session: Session, job: Job, limit: int | None = None, offset: int
     return list(session.scalars(q))
 
 
+def _result_cells(r: dict[str, Any]) -> list[Any]:
+    probs = r["probabilities"] or {}
+    return [r["image_id"], r["filename"], r["risk_rank"], r["status"], r["predicted_label"] or "",
+            *[f"{probs[c]:.6f}" if c in probs else "" for c in CLASSES],
+            "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
+            "" if r["flagged"] is None else int(r["flagged"]), r["flag_reason"], r["model_version"] or "",
+            r["true_label"] or "", r["error"] or "",
+            r["review_decision"] or "", r["review_diagnosis"] or "", r["review_note"] or "", r["reviewed_by"] or "",
+            r["reviewed_at"] or ""]
+
+
 def iter_csv(session: Session, job: Job, page: int = 500) -> Iterator[str]:
-    """Yield the job's results as CSV text, a page of rows at a time; text cells are formula-safe (csv_row)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    for rows in ranked_rows(session, job, page):
-        for r in rows:
-            probs = r["probabilities"] or {}
-            writer.writerow(csv_row([  # file names, labels and errors come from the clinic: no formulas
-                r["image_id"], r["filename"], r["risk_rank"], r["status"], r["predicted_label"] or "",
-                *[f"{probs[c]:.6f}" if c in probs else "" for c in CLASSES],
-                "" if r["malignancy_score"] is None else f"{r['malignancy_score']:.6f}",
-                "" if r["flagged"] is None else int(r["flagged"]), r["flag_reason"], r["model_version"] or "",
-                r["true_label"] or "", r["error"] or "",
-                r["review_decision"] or "", r["review_diagnosis"] or "", r["review_note"] or "", r["reviewed_by"] or "",
-                r["reviewed_at"] or "",
-            ]))
-        yield buf.getvalue()
-        buf.seek(0)
-        buf.truncate()
-    rest = buf.getvalue()
-    if rest:
-        yield rest
+    """Yield the job's results as CSV text, a page of rows at a time; text cells (file names, labels and errors
+    come from the clinic) are formula-safe."""
+    return iter_csv_text(CSV_COLUMNS, ([_result_cells(r) for r in rows] for rows in ranked_rows(session, job, page)))
 
 
 def ranked_rows(session: Session, job: Job, page: int = 500) -> Iterator[list[dict[str, Any]]]:

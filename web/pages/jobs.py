@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from skinscan import audit
+from skinscan.jobs.cancellation import CancelRefused
 from skinscan.jobs.counts import job_counts
 from skinscan.jobs.intake import (
     UploadError,
@@ -29,6 +30,7 @@ from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
 from web.context import db, settings, storage
 from web.errors import wants_json
+from web.job_actions import cancel_owned_job, delete_owned_job, deleted_before
 from web.lookup import int_arg, owned_job
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
@@ -207,11 +209,8 @@ def status(job_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def cancel(job_id: str):  # type: ignore[no-untyped-def]
     """Cancel the job: images not yet scored are not scored; what was scored keeps its results."""
-    from skinscan.jobs.cancellation import CancelRefused, cancel_job
-
-    job = owned_job(job_id)
     try:
-        job, cancelled = cancel_job(db(), job.id, g.actor)
+        job, cancelled = cancel_owned_job(job_id)
     except CancelRefused as exc:
         flash(str(exc)[:1].upper() + str(exc)[1:] + ".", "error")
         return redirect(url_for("jobs.show", job_id=job_id))
@@ -224,18 +223,14 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete the job, its results and its stored images, once the form's confirmation box is ticked."""
-    from skinscan.jobs.deletion import delete_job, retry_deleted, was_deleted
-
-    session = db()
-    job = session.get(Job, job_id) if len(job_id) <= 64 else None
-    if job is None and len(job_id) <= 64 and was_deleted(session, g.clinic.id, job_id):
-        flash(retry_deleted(session, storage(), g.clinic.id, job_id).message, "info")
+    if (before := deleted_before(job_id)) is not None:
+        flash(before.message, "info")
         return redirect(url_for("jobs.index"))
     job = owned_job(job_id)
     if request.form.get("confirm") != "yes":
         flash("Tick the box to confirm that the job and its images are to be deleted.", "error")
         return redirect(url_for("jobs.show", job_id=job.id, _anchor="manage"))
-    deletion = delete_job(session, storage(), job, g.actor, settings().orphan_grace_seconds)
+    deletion = delete_owned_job(job)
     flash(deletion.message, "info" if deletion.complete else "error")
     return redirect(url_for("jobs.index"))
 
