@@ -22,7 +22,7 @@ DATA = ROOT.parent / "shared" / "data"
 HAM_IMAGES = DATA / "HAM10000" / "images"
 ISIC_FOLDERS = [DATA / "ISIC2017" / name for name in
                 ("ISIC-2017_Training_Data", "ISIC-2017_Validation_Data", "ISIC-2017_Test_v2_Data")]
-for _path in (ROOT, ROOT / "tests"):
+for _path in (ROOT, ROOT / "tests" / "helpers"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
+for _path in (ROOT, ROOT / "tests" / "helpers"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

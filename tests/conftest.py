@@ -117,7 +117,8 @@ def make_ham_subset(ham_dir: Path, ham_rows: list[dict[str, str]]) -> Callable[.
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory, make_ham_subset: Callable[..., Path]) -> Path:
-    """A run folder of `skinscan train` for one epoch on 150 real HAM10000 images (64 px, ResNet-18)."""
+    """A run folder of `skinscan train` for one epoch on 150 real HAM10000 images (SMOKE_ARCH, EfficientNet-Lite0, at
+    64 px, with Shades of Gray)."""
     from skinscan.cli import main
 
     data = make_ham_subset(tmp_path_factory.mktemp("ham-train"), SMOKE_IMAGES)

@@ -1,7 +1,8 @@
-"""Fixtures for the batch pipeline on real services: PostgreSQL, Redis, an S3 server and Celery workers."""
+"""Fixtures for tests on real services: PostgreSQL, Redis, an S3 server over HTTP and Celery worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import uuid
@@ -83,8 +84,8 @@ class Stack:
         return w
 
 
-@pytest.fixture()
-def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+@contextlib.contextmanager
+def open_stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
     """A fresh database, Redis database and bucket, with settings pointing at them (workers started on demand)."""
     if not postgres_available():
         missing_service("PostgreSQL is not reachable at 127.0.0.1:5432 (CI starts it; see README)")
@@ -123,16 +124,33 @@ def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytes
 
     S3Storage(bucket, moto.url).ensure_bucket()
     upgrade(settings)
-    yield st
-    for w in st.workers:
-        w.stop()
-    from skinscan.db import dispose_engines
+    try:
+        yield st
+    finally:
+        for w in st.workers:
+            w.stop()
+        from skinscan.db import dispose_engines
 
-    dispose_engines()
-    proxy.close()
-    db.close()
-    client.flushdb()
-    claims.delete(claim)
+        dispose_engines()
+        proxy.close()
+        db.close()
+        client.flushdb()
+        claims.delete(claim)
+
+
+@pytest.fixture()
+def stack(tmp_path: Path, moto: MotoS3, service_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    """A stack of this test's own (open_stack)."""
+    with open_stack(tmp_path, moto, service_bundle, monkeypatch) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def module_stack(tmp_path_factory: pytest.TempPathFactory, moto: MotoS3, service_bundle: Path) -> Iterator[Stack]:
+    """A stack shared by the tests of one module: for one costly job (a worker scoring it) that several read."""
+    with pytest.MonkeyPatch.context() as monkeypatch, \
+            open_stack(tmp_path_factory.mktemp("stack"), moto, service_bundle, monkeypatch) as st:
+        yield st
 
 
 def make_clinic(settings: Any, name: str) -> tuple[str, str]:

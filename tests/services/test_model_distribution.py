@@ -36,7 +36,7 @@ WAIT = 300.0
 
 
 def tiny_bundle(out: Path, version: str, seed: int = 0) -> Path:
-    """A tiny untrained bundle (as tests/pipeline/conftest.py's service_bundle) with a model card and a plot."""
+    """A tiny untrained bundle (as tests/services/conftest.py's service_bundle) with a model card and a plot."""
     import torch
 
     from training.export import create_model, save_bundle

@@ -26,7 +26,7 @@ import pytest
 
 PG_ADMIN = os.environ.get("SKINSCAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("SKINSCAN_TEST_REDIS", "redis://127.0.0.1:6379")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def missing_service(reason: str) -> NoReturn:

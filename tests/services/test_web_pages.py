@@ -7,9 +7,12 @@ import csv
 import io
 import json
 import re
+import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,54 +244,96 @@ def test_sign_in_sessions_and_csrf(stack):
     assert other.get("/jobs").status_code == 302
 
 
-@pytest.mark.services
-@pytest.mark.slow
-def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, smoke_bundle):
-    """A clinic uploads 20 real images + labels (+ a wrong type and an oversize file) through the new-job form,
-    a worker scores them, and the pages show progress, counts, metrics, a sortable/filterable/paginated table,
-    exports, the image, its thumbnail and its Grad-CAM heatmap computed by the worker on demand."""
-    from skinscan.model.heatmaps import heatmap_key
+@dataclass
+class ScoredUpload:
+    """A job uploaded through the new-job form (20 real ISIC images with labels, a text file and an oversize
+    image among them) and scored by a worker; the tests below read its pages."""
+
+    settings: Any
+    staff: Staff
+    upload: list[tuple[str, bytes]]
+    response: Any  # the form's answer
+    live_page: str  # the job page while the job was queued or running
+    summary: dict[str, Any]  # the status when it was done
+    preds: dict[str, Any]  # image id -> Prediction
+
+    @property
+    def job_id(self) -> str:
+        """The uploaded job's id."""
+        return str(self.response.get_json()["job_id"])
+
+    def rows(self, query: str = "") -> list[dict[str, str]]:
+        """The job page's results table (with a query string)."""
+        return table_rows(self.staff.get(f"/jobs/{self.job_id}{query}").text)
+
+    def filenames(self) -> dict[str, str]:
+        """Image id -> uploaded file name."""
+        from skinscan.db import session_scope
+        from skinscan.tables import ImageRecord
+
+        with session_scope(self.settings) as session:
+            return {i.id: i.filename for i in session.query(ImageRecord).filter(ImageRecord.job_id == self.job_id)}
+
+
+@pytest.fixture(scope="module")
+def scored_upload(module_stack: Any, isic_test_images: Any, smoke_run: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> ScoredUpload:
+    """Upload through the form as the page's script does, then wait for the worker to score the job."""
     from web import create_app
 
-    add_plots_and_card(smoke_bundle)
-    stack.env.update({"SKINSCAN_MAX_FILE_BYTES": "400000", "SKINSCAN_MODEL": str(smoke_bundle),
-                      "REDIS_URL": private_redis(stack)})
-    settings = stack.settings()
-    stack.worker()
-    app = create_app(settings)
+    bundle = tmp_path_factory.mktemp("pages-bundle") / "bundle"
+    shutil.copytree(smoke_run / "bundle", bundle)
+    add_plots_and_card(bundle)
+    module_stack.env.update({"SKINSCAN_MAX_FILE_BYTES": "400000", "SKINSCAN_MODEL": str(bundle),
+                             "REDIS_URL": private_redis(module_stack)})
+    settings = module_stack.settings()
+    module_stack.worker()
     _clinic, email = make_user(settings)
-    staff = Staff(app, email)
-
-    form = staff.get("/jobs/new")
-    assert form.status_code == 200
-    assert 'type="file"' in form.text and "multiple" in form.text and 'for="files"' in form.text
+    staff = Staff(create_app(settings), email)
     files, labels = isic_test_images(20)
     big = noise_png(400)  # about 480 kB > the 400 kB limit set above
     assert len(big) > 400_000 and all(len(b) < 400_000 for _, b in files)
     upload = [*files[:10], ("notes.txt", b"not an image at all"), ("huge.png", big), *files[10:]]
     response = staff.upload(upload, labels)
     assert response.status_code == 201, response.text
-    body = response.get_json()
+    job_id = response.get_json()["job_id"]
+    live = staff.get(f"/jobs/{job_id}")
+    assert live.status_code == 200
+    summary = staff.wait(job_id)
+    return ScoredUpload(settings, staff, upload, response, live.text, summary, db_predictions(settings, job_id))
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_upload_form_takes_images_and_names_each_refused_file(scored_upload: ScoredUpload) -> None:
+    """The form takes files and a labels CSV; a wrong type (415) and an oversize file (413) are refused one by one
+    while the rest of the batch goes on; the job is listed."""
+    form = scored_upload.staff.get("/jobs/new")
+    assert form.status_code == 200
+    assert 'type="file"' in form.text and "multiple" in form.text and 'for="files"' in form.text
+    body = scored_upload.response.get_json()
     assert body["accepted"] == 20
     rejected = {r["filename"]: r for r in body["rejected"]}
     assert set(rejected) == {"notes.txt", "huge.png"}
     assert rejected["notes.txt"]["status"] == 415 and rejected["huge.png"]["status"] == 413
     assert "limit" in rejected["huge.png"]["error"]
-    job_id = body["job_id"]
-    assert body["job_url"] == f"/jobs/{job_id}"
+    assert body["job_url"] == f"/jobs/{scored_upload.job_id}"
+    listing = scored_upload.staff.get("/jobs").text
+    assert f'href="/jobs/{scored_upload.job_id}"' in listing and "smoke-test" in listing
 
-    listing = staff.get("/jobs").text
-    assert f'href="/jobs/{job_id}"' in listing and "smoke-test" in listing
 
-    live = staff.get(f"/jobs/{job_id}")
-    assert live.status_code == 200 and 'id="job-progress-bar"' in live.text and 'aria-live="polite"' in live.text
-    summary = staff.wait(job_id)
+@pytest.mark.services
+@pytest.mark.slow
+def test_job_page_shows_progress_counts_metrics_and_refusals(scored_upload: ScoredUpload) -> None:
+    """While it runs the page has a live progress bar; done, it shows the counts, the agreement with the labels,
+    the refused files and the referral count."""
+    assert 'id="job-progress-bar"' in scored_upload.live_page and 'aria-live="polite"' in scored_upload.live_page
+    summary = scored_upload.summary
     assert summary["status"] == "done" and summary["progress"] == 1.0
     assert summary["counts"] == {"total": 20, "scored": 20, "failed": 0, "refused": 2}
-
-    preds = db_predictions(settings, job_id)
+    preds = scored_upload.preds
     assert len(preds) == 20
-    page = staff.get(f"/jobs/{job_id}")
+    page = scored_upload.staff.get(f"/jobs/{scored_upload.job_id}")
     html = page.text
     assert page.status_code == 200
     assert 'value="100.0"' in html and "20 of 20 images finished" in html
@@ -298,67 +343,78 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     assert re.search(rf'Flagged for referral</dt>\s*<dd><a [^>]*>{flagged}</a>', html)
     assert "not a diagnosis" in html
 
-    # Default order: highest malignancy first; the two files refused at upload are not images of the table (they
-    # have their own section), as everywhere else.
-    rows = table_rows(html)
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_results_table_sorts_filters_and_pages(scored_upload: ScoredUpload) -> None:
+    """Highest malignancy first by default (the refused files have their own section); sorting both ways on
+    several columns; filters by class and flag counted in SQL; pages cover every row once, in order."""
+    preds = scored_upload.preds
+    rows = scored_upload.rows()
     assert len(rows) == 20
     scores = [float(r["malignancy"]) for r in rows if r["malignancy"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 20
-    for r in rows[:20]:
+    for r in rows:
         p = preds[r["image-id"]]
         assert r["label"] == p.label and abs(float(r["malignancy"]) - p.malignancy) < 1e-9
 
-    # Sorting, both directions, on several columns.
-    asc = table_rows(staff.get(f"/jobs/{job_id}?sort=malignancy&dir=asc").text)
+    asc = scored_upload.rows("?sort=malignancy&dir=asc")
     assert [float(r["malignancy"]) for r in asc if r["malignancy"]] == sorted(scores)
-    by_prob = table_rows(staff.get(f"/jobs/{job_id}?sort=probability").text)
-    probs = [float(r["confidence"]) for r in by_prob if r["confidence"]]
+    probs = [float(r["confidence"]) for r in scored_upload.rows("?sort=probability") if r["confidence"]]
     assert probs == sorted(probs, reverse=True)
-    by_upload = table_rows(staff.get(f"/jobs/{job_id}?sort=upload").text)
-    order = [n for n, _ in upload if n not in ("notes.txt", "huge.png")]  # the images, refusals apart
-    from skinscan.db import session_scope
-    from skinscan.tables import ImageRecord
-
-    with session_scope(settings) as session:
-        names = {i.id: i.filename for i in session.query(ImageRecord).filter(ImageRecord.job_id == job_id)}
-    assert [names[r["image-id"]] for r in by_upload] == order
-    by_file = [names[r["image-id"]] for r in table_rows(staff.get(f"/jobs/{job_id}?sort=file&dir=desc").text)]
+    names = scored_upload.filenames()
+    order = [n for n, _ in scored_upload.upload if n not in ("notes.txt", "huge.png")]  # the images, refusals apart
+    assert [names[r["image-id"]] for r in scored_upload.rows("?sort=upload")] == order
+    by_file = [names[r["image-id"]] for r in scored_upload.rows("?sort=file&dir=desc")]
     isic = [n for n in by_file if n.startswith("ISIC_")]  # other names sort by the database's collation
     assert isic == sorted(isic, reverse=True) and len(isic) == 20
 
-    # Filters: by predicted class and by referral flag, counted in SQL.
     top_label = max({p.label for p in preds.values()}, key=lambda c: sum(p.label == c for p in preds.values()))
-    only = table_rows(staff.get(f"/jobs/{job_id}?class={top_label}&per_page=200").text)
+    only = scored_upload.rows(f"?class={top_label}&per_page=200")
     assert len(only) == sum(p.label == top_label for p in preds.values()) and {r["label"] for r in only} == {top_label}
-    flagged_rows = table_rows(staff.get(f"/jobs/{job_id}?flag=yes&per_page=200").text)
+    flagged = sum(1 for p in preds.values() if p.flagged)
+    flagged_rows = scored_upload.rows("?flag=yes&per_page=200")
     assert len(flagged_rows) == flagged and all(r["flagged"] == "1" for r in flagged_rows)
-    unflagged = table_rows(staff.get(f"/jobs/{job_id}?flag=no&per_page=200").text)
-    assert len(unflagged) == 20 - flagged
+    assert len(scored_upload.rows("?flag=no&per_page=200")) == 20 - flagged
 
-    # Pagination: two pages of 10 cover every row once, in the global order.
     seen = []
     for n in (1, 2):
-        part = staff.get(f"/jobs/{job_id}?per_page=10&page={n}").text
+        part = scored_upload.staff.get(f"/jobs/{scored_upload.job_id}?per_page=10&page={n}").text
         seen += [r["image-id"] for r in table_rows(part)]
         assert f"Showing {(n - 1) * 10 + 1}–{n * 10} of 20 images" in part
     assert seen == [r["image-id"] for r in rows]
-    assert table_rows(staff.get(f"/jobs/{job_id}?per_page=10&page=99").text)[-1]["image-id"] == rows[-1]["image-id"]
+    assert scored_upload.rows("?per_page=10&page=99")[-1]["image-id"] == rows[-1]["image-id"]
 
-    # Exports.
-    exported = staff.get(f"/jobs/{job_id}/results.csv")
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_exports_carry_every_row(scored_upload: ScoredUpload) -> None:
+    """The CSV (a download) and the JSON export hold the 20 images and the 2 refused files."""
+    exported = scored_upload.staff.get(f"/jobs/{scored_upload.job_id}/results.csv")
     assert exported.status_code == 200 and exported.mimetype == "text/csv"
     assert "attachment" in exported.headers["Content-Disposition"]
     csv_rows = list(csv.DictReader(io.StringIO(exported.text)))
     assert len(csv_rows) == 22
     for r in csv_rows:
         if r["status"] == "scored":
-            assert abs(float(r["malignancy_score"]) - preds[r["image_id"]].malignancy) < 1e-5
+            assert abs(float(r["malignancy_score"]) - scored_upload.preds[r["image_id"]].malignancy) < 1e-5
             assert r["true_label"] in ("mel", "bkl", "nv")
-    as_json = json.loads(staff.get(f"/jobs/{job_id}/results.json").data)
-    assert as_json["job"]["id"] == job_id and len(as_json["results"]) == 22
+    as_json = json.loads(scored_upload.staff.get(f"/jobs/{scored_upload.job_id}/results.json").data)
+    assert as_json["job"]["id"] == scored_upload.job_id and len(as_json["results"]) == 22
 
-    # The image page, its file, its thumbnail (with caching headers) and its heatmap, computed by the worker.
-    image_id = rows[0]["image-id"]
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_image_page_file_thumbnail_and_heat_map_grid(scored_upload: ScoredUpload) -> None:
+    """The image page (never its storage key), the original file, a cached thumbnail, and the Grad-CAM grid kept
+    with the prediction while scoring, drawn by the page with no heat-map task."""
+    from skinscan.db import session_scope
+    from skinscan.model.heatmaps import heatmap_key
+    from skinscan.storage import get_storage
+    from skinscan.tables import ImageRecord
+
+    staff, settings = scored_upload.staff, scored_upload.settings
+    image_id = scored_upload.rows()[0]["image-id"]
     image_page = staff.get(f"/images/{image_id}")
     assert image_page.status_code == 200
     assert "Class probabilities" in image_page.text
@@ -376,22 +432,27 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     again = staff.get(f"/images/{image_id}/thumb", headers={"If-None-Match": thumb.headers["ETag"]})
     assert again.status_code == 304
 
-    # The smoke bundle (ResNet-18: global pool + linear head) outputs its feature map: the Grad-CAM grid was kept
-    # with the prediction while scoring (2 x 2 at 64 px) and the page draws it; no heat-map task, no PNG.
+    # The smoke bundle (EfficientNet-Lite0: global pool + linear head) outputs its feature map: the Grad-CAM grid
+    # was kept with the prediction while scoring (2 x 2 at 64 px) and the page draws it; no heat-map task, no PNG.
     state = staff.get_json(f"/images/{image_id}/heatmap")
     assert state.status_code == 200 and state.get_json()["state"] == "grid", state.text
     grid = state.get_json()["grid"]
     assert len(grid) == 2 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in grid)
     assert 'id="heatmap-canvas"' in image_page.text and "data-grid=" in image_page.text
-    from skinscan.storage import get_storage
-
     with session_scope(settings) as session:
         record = session.get(ImageRecord, image_id)
         gradcam = heatmap_key(record, "smoke-test").rsplit("/", 1)[0]
     assert not get_storage(settings).list_keys(gradcam), "the page asked a worker for a heat map"
 
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_model_page_shows_the_card_and_its_plots(scored_upload: ScoredUpload) -> None:
+    """The Model page names the version that scored the job, renders its model card and serves its plots only."""
+    staff = scored_upload.staff
     model = staff.get("/model")
-    assert model.status_code == 200 and summary["model_version"] == "smoke-test" and "smoke-test" in model.text
+    assert model.status_code == 200 and scored_upload.summary["model_version"] == "smoke-test"
+    assert "smoke-test" in model.text
     assert "<h3" in model.text and "Intended use" in model.text and "<table>" in model.text  # the model card
     assert "Referral rule" in model.text and "Validation split" in model.text
     plot_urls = re.findall(r'<img src="(/model/plots/[^"]+)"', model.text)
@@ -402,13 +463,19 @@ def test_upload_progress_results_exports_and_heatmap(stack, isic_test_images, sm
     assert staff.get("/model/plots/metadata.json").status_code == 404
     assert staff.get("/model/plots/..%2Fweights_roc.png").status_code == 404
 
-    # The HTML form without JavaScript: redirect to the job page, with the refused file named there.
-    plain = staff.upload([files[0], ("readme.md", b"# not an image")], xhr=False)
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_form_without_javascript_and_an_upload_with_nothing_acceptable(scored_upload: ScoredUpload) -> None:
+    """The HTML form without JavaScript redirects to the new job's page naming the refused file; an upload with
+    nothing acceptable shows why, per file, and makes no job."""
+    staff = scored_upload.staff
+    first = scored_upload.upload[0]
+    plain = staff.upload([first, ("readme.md", b"# not an image")], xhr=False)
     assert plain.status_code == 302 and plain.headers["Location"].startswith("/jobs/")
     followed = staff.get(plain.headers["Location"])
     assert "1 image accepted" in followed.text and "readme.md" in followed.text
 
-    # Nothing acceptable: the form shows why, per file, and no job is made.
     gif = io.BytesIO()
     PILImage.new("RGB", (16, 16)).save(gif, format="GIF")
     nothing = staff.upload([("a.txt", b"text"), ("b.gif", gif.getvalue())], xhr=False)

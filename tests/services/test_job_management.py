@@ -189,7 +189,7 @@ def test_cancel_stops_a_job_a_celery_worker_is_scoring(stack):
 
 @pytest.fixture()
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Debian Chromium driven by its chromedriver (as tests/pipeline/test_browser.py does)."""
+    """Headless Debian Chromium driven by its chromedriver (as tests/services/test_browser.py does)."""
     if not CHROMIUM.is_file() or not CHROMEDRIVER.is_file():
         missing_service("headless Chromium is not installed: apt-get install chromium chromium-driver")
     from selenium import webdriver

@@ -392,7 +392,7 @@ def test_web_killed_during_upload(lab, spawn, job_files) -> None:  # type: ignor
     assert [(j["id"], j["status"]) for j in listing] == [(parts_job, "uploading")]
 
     # The sweeper leaves a recent upload alone and closes one idle past the limit with the images it holds,
-    # saying why (tests/pipeline/test_abandoned_upload.py follows such a job to `done`).
+    # saying why (tests/services/test_abandoned_upload.py follows such a job to `done`).
     from tests_helpers import replace
 
     from worker.stale_uploads import close_stale_uploads
