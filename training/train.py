@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from skinscan.labels import CLASSES, MALIGNANT
-from training.bundle import create_model, save_bundle
+from training.bundle import create_model, round_to_float16, save_bundle
 from training.calibration import (
     fit_logit_offsets,
     fit_temperature,
@@ -461,6 +461,7 @@ def write_bundle(state: TrainState, data: RunData, cfg: TrainConfig, run: Path, 
     best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     model = state.model
     model.load_state_dict(best["model"])
+    round_to_float16(model.float())  # the bundle ships float16 weights: calibrate and measure those
     model.to(device)
     cal = calibrate(model, data, cfg, device)
     meta = bundle_metadata(cfg, data, best, cal, state.history, device)
