@@ -116,22 +116,18 @@ def subgroup_report(samples: Sequence[Sample], y: np.ndarray, probs: np.ndarray,
 
 
 def _batches(samples: Sequence[Sample], bundle: Bundle, batch_size: int,
-             skipped: list[dict[str, str]], variant: str = "clean") -> Iterator[tuple[list[int], np.ndarray]]:
-    """Yield (sample indices, N x 3 x S x S float32 batch) decoded, perturbed by a robustness variant ("clean":
-    as they are) and preprocessed as the bundle says."""
+             skipped: list[dict[str, str]]) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (sample indices, N x 3 x S x S float32 batch) decoded and preprocessed as the bundle says; an image
+    that fails to decode is logged and recorded in skipped."""
     indices: list[int] = []
     crops: list[np.ndarray] = []
-    desc = "evaluating" if variant == "clean" else f"evaluating {variant}"
-    for i, sample in enumerate(tqdm(samples, desc=desc, unit="img", mininterval=2)):
+    for i, sample in enumerate(tqdm(samples, desc="evaluating", unit="img", mininterval=2)):
         try:
-            # A perturbed copy starts from the full-size image, as another clinic's file would.
-            img = decode_rgb(sample.path.read_bytes(), draft_size=bundle.resize_size if variant == "clean" else None)
+            img = decode_rgb(sample.path.read_bytes(), draft_size=bundle.resize_size)
         except (ImageError, OSError) as exc:
             log.warning("skipping %s (%s): %s", sample.image_id, sample.path, exc)
             skipped.append({"image_id": sample.image_id, "reason": str(exc)})
             continue
-        if variant != "clean":
-            img = Image.fromarray(apply_variant(variant, np.asarray(img)))
         indices.append(i)
         crops.append(np.asarray(bundle.resize_crop(img)))
         if len(crops) == batch_size:
@@ -139,6 +135,27 @@ def _batches(samples: Sequence[Sample], bundle: Bundle, batch_size: int,
             indices, crops = [], []
     if crops:
         yield indices, bundle.normalize(np.stack(crops))
+
+
+def _variant_batches(samples: Sequence[Sample], bundle: Bundle, batch_size: int,
+                     variants: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (variant, N x 3 x S x S batch) for every variant, decoding each full-size image once (not once per
+    variant: a large original costs ~0.2 s to decode); each variant's batches keep the samples' order."""
+    pending: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    for sample in tqdm(samples, desc=f"evaluating {len(variants)} variants", unit="img", mininterval=2):
+        try:
+            # A perturbed copy starts from the full-size image, as another clinic's file would.
+            rgb = np.asarray(decode_rgb(sample.path.read_bytes()))
+        except (ImageError, OSError) as exc:  # the clean pass decoded every one of these images
+            raise DatasetError(f"{sample.image_id} failed to decode for the robustness variants: {exc}") from exc
+        for variant in variants:
+            pending[variant].append(np.asarray(bundle.resize_crop(Image.fromarray(apply_variant(variant, rgb)))))
+            if len(pending[variant]) == batch_size:
+                yield variant, bundle.normalize(np.stack(pending[variant]))
+                pending[variant] = []
+    for variant, crops in pending.items():
+        if crops:
+            yield variant, bundle.normalize(np.stack(crops))
 
 
 def _tta_logits(predictor: Predictor, batch: np.ndarray, tta: bool) -> np.ndarray:
@@ -260,17 +277,16 @@ def robustness_report(bundle: Bundle, predictor: Predictor, samples: Sequence[Sa
     """Score the same images under every robustness variant: per variant balanced accuracy (decision rule and
     plain arg-max), macro and melanoma AUC, predicted and true class counts, and each figure's change from clean."""
     classes = bundle.classes
+    perturbed = [v for v in VARIANTS if v != "clean"]
+    logits: dict[str, list[np.ndarray]] = {v: [] for v in perturbed}
+    for variant, batch in _variant_batches(samples, bundle, batch_size, perturbed):
+        logits[variant].append(_tta_logits(predictor, batch, tta))
     out: dict[str, Any] = {}
     for variant in VARIANTS:
         if variant == "clean":
             rep, plain = clean, clean["plain_argmax"]
         else:
-            skipped: list[dict[str, str]] = []
-            parts = [_tta_logits(predictor, batch, tta)
-                     for _, batch in _batches(samples, bundle, batch_size, skipped, variant)]
-            if skipped:  # the clean pass decoded every one of these images: a variant cannot lose one
-                raise DatasetError(f"{len(skipped)} images failed under {variant}: {skipped[0]['reason']}")
-            probs = softmax(np.concatenate(parts).astype(np.float64), bundle.temperature)
+            probs = softmax(np.concatenate(logits[variant]).astype(np.float64), bundle.temperature)
             rep = classification_report(y, probs, classes, known_labels=clean["known_labels"],
                                         logit_offsets=bundle.logit_offsets)
             plain = _decision_figures(classification_report(y, probs, classes, known_labels=clean["known_labels"]))

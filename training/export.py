@@ -149,6 +149,14 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: int, features: b
             handle.remove()
 
 
+def round_to_float16(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Round a network's floating-point weights to float16 in place (kept as float32 values) and return the
+    float16 state dict a bundle stores, so figures measured after this describe the shipped weights exactly."""
+    state = {k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return state
+
+
 def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: bool = True) -> Bundle:
     """Write weights (float16 to keep the bundle small), ONNX export and metadata.json to a bundle folder."""
     import torch
@@ -156,10 +164,7 @@ def save_bundle(model: torch.nn.Module, out: Path, meta: dict[str, Any], onnx: b
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().cpu()
     # Round to float16 once, then use the same rounded values for both files so they agree.
-    state = {
-        k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()
-    }
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    state = round_to_float16(model)
     torch.save(state, out / WEIGHTS_FILE)
     files = [WEIGHTS_FILE]
     if onnx:

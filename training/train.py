@@ -38,7 +38,7 @@ from training.calibration import (
     softmax,
 )
 from training.config import RESUMABLE, TrainConfig, add_arguments, config_from_args
-from training.export import create_model, save_bundle
+from training.export import create_model, round_to_float16, save_bundle
 from training.partial_labels import partial_label_loss
 from training.perturb import RandomAppearance
 from training.rundata import RunData, load_run_data
@@ -461,6 +461,7 @@ def write_bundle(state: TrainState, data: RunData, cfg: TrainConfig, run: Path, 
     best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     model = state.model
     model.load_state_dict(best["model"])
+    round_to_float16(model.float())  # the bundle ships float16 weights: calibrate and measure those
     model.to(device)
     cal = calibrate(model, data, cfg, device)
     meta = bundle_metadata(cfg, data, best, cal, state.history, device)
