@@ -1,5 +1,5 @@
-"""Enqueueing work and finding lost work: send a committed job's chunks, recording each dispatch, and re-send only
-the chunks that were really lost.
+"""Finding lost work: re-send only the chunks that were really lost (sending a committed job's chunks, recording
+each dispatch, is skinscan.jobs.dispatch's).
 
 Every chunk sent to the workers is recorded first (JobChunk for an upload job, RescoreChunk for a re-score run):
 when it was dispatched and as which Celery task id, committed before the message is published. The stalled-job
