@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from skinscan import audit
 from skinscan.jobs.cancellation import CancelRefused
+from skinscan.jobs.deletion import Deletion
 from skinscan.jobs.intake import (
     UploadError,
     add_images,
@@ -44,7 +45,7 @@ from web.auth import require_api_key
 from web.batches import batch_key_arg, claim_part, job_for_batch, part_arg
 from web.context import db, settings, storage
 from web.errors import ApiError
-from web.job_actions import cancel_owned_job, delete_owned_job, deleted_before
+from web.job_actions import cancel_owned_job, delete_owned_job, job_to_delete
 from web.lookup import int_arg, owned_job
 from web.openapi import doc
 from web.results import iter_csv, job_images, job_summary, rows_for
@@ -248,8 +249,8 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @require_api_key
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete a job, its results and its stored images (audited); deleting it again answers the same way."""
-    deletion = deleted_before(job_id) or delete_owned_job(owned_job(job_id))
-    return jsonify(deletion.as_dict())
+    target = job_to_delete(job_id)
+    return jsonify((target if isinstance(target, Deletion) else delete_owned_job(target)).as_dict())
 
 
 @bp.get("/jobs/<job_id>/results")

@@ -9,7 +9,7 @@ from skinscan.jobs.cancellation import cancel_job
 from skinscan.jobs.deletion import Deletion, delete_job, retry_deleted, was_deleted
 from skinscan.tables import Job
 from web.context import db, settings, storage
-from web.lookup import MAX_ID_LENGTH, owned_job
+from web.lookup import MAX_ID_LENGTH, not_found, owned_job
 
 
 def cancel_owned_job(job_id: str) -> tuple[Job, int]:
@@ -17,15 +17,19 @@ def cancel_owned_job(job_id: str) -> tuple[Job, int]:
     return cancel_job(db(), owned_job(job_id).id, g.actor)
 
 
-def deleted_before(job_id: str) -> Deletion | None:
-    """For an id whose deletion the clinic's audit trail records: remove any objects it left, say what is left."""
+def job_to_delete(job_id: str) -> Job | Deletion:
+    """The clinic's job, read once (404 unless it is theirs); for an id whose deletion the clinic's audit trail
+    records, what finishing that deletion did (any stored objects it left are removed now)."""
     session = db()
-    if len(job_id) > MAX_ID_LENGTH or session.get(Job, job_id) is not None \
-            or not was_deleted(session, g.clinic.id, job_id):
-        return None
-    return retry_deleted(session, storage(), g.clinic.id, job_id)
+    job = session.get(Job, job_id) if len(job_id) <= MAX_ID_LENGTH else None
+    if job is not None and job.clinic_id == g.clinic.id:
+        return job
+    if job is None and len(job_id) <= MAX_ID_LENGTH and was_deleted(session, g.clinic.id, job_id):
+        return retry_deleted(session, storage(), g.clinic.id, job_id)
+    not_found("job")
 
 
 def delete_owned_job(job: Job) -> Deletion:
-    """Delete one of the clinic's jobs (owned_job), its results and its stored images, audited."""
+    """Delete one of the clinic's jobs (job_to_delete), its results and its stored images, audited; of deletions
+    running at once one deletes, the others answer as for a job deleted before."""
     return delete_job(db(), storage(), job, g.actor, settings().orphan_grace_seconds)

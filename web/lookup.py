@@ -3,7 +3,7 @@ parameters. One definition for the JSON API and the pages; each answers a miss i
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from flask import abort, g, request
 
@@ -19,10 +19,15 @@ def owned(model: type[Owned], row_id: str, what: str) -> Owned:
     """Return the signed-in clinic's row of `model`, or 404 (also for another clinic's): JSON for API calls."""
     row = db().get(model, row_id) if len(row_id) <= MAX_ID_LENGTH else None
     if row is None or row.clinic_id != g.clinic.id:
-        if wants_json():
-            raise ApiError(f"{what} not found", 404)
-        abort(404)
+        not_found(what)
     return row
+
+
+def not_found(what: str) -> NoReturn:
+    """Answer 404: JSON for API calls, the error page otherwise."""
+    if wants_json():
+        raise ApiError(f"{what} not found", 404)
+    abort(404)
 
 
 def owned_job(job_id: str) -> Job:

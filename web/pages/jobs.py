@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from skinscan import audit
 from skinscan.jobs.cancellation import CancelRefused
 from skinscan.jobs.counts import job_counts
+from skinscan.jobs.deletion import Deletion
 from skinscan.jobs.intake import (
     UploadError,
     create_job,
@@ -30,7 +31,7 @@ from skinscan.storage import StorageError
 from skinscan.tables import ImageRecord, Job, JobMetrics, Prediction
 from web.context import db, settings, storage
 from web.errors import wants_json
-from web.job_actions import cancel_owned_job, delete_owned_job, deleted_before
+from web.job_actions import cancel_owned_job, delete_owned_job, job_to_delete
 from web.lookup import int_arg, owned_job
 from web.pages.auth import login_required
 from web.pages.common import page_blueprint
@@ -223,10 +224,10 @@ def cancel(job_id: str):  # type: ignore[no-untyped-def]
 @login_required
 def delete(job_id: str):  # type: ignore[no-untyped-def]
     """Delete the job, its results and its stored images, once the form's confirmation box is ticked."""
-    if (before := deleted_before(job_id)) is not None:
-        flash(before.message, "info")
+    job = job_to_delete(job_id)
+    if isinstance(job, Deletion):  # deleted before: what is left of it was removed now
+        flash(job.message, "info")
         return redirect(url_for("jobs.index"))
-    job = owned_job(job_id)
     if request.form.get("confirm") != "yes":
         flash("Tick the box to confirm that the job and its images are to be deleted.", "error")
         return redirect(url_for("jobs.show", job_id=job.id, _anchor="manage"))
