@@ -51,7 +51,7 @@ def test_card_claims_come_from_the_bundle(smoke_bundle: Path, tmp_path: Path) ->
     assert "initialised from ImageNet (installed package weights)" in text
     assert "shades of gray colour constancy" in text
     assert "groups spanning two splits: 0" in text  # read from the bundle's splits.csv
-    assert "| 0.92 (default) |" in text
+    assert "| 0.90 (default) |" in text
     assert "| t malignant sensitivity |" not in text and "ISIC 2017 test malignant sensitivity" in text
 
 
@@ -106,3 +106,18 @@ def test_card_shows_robustness_decision_rule_and_choices(smoke_bundle: Path, tmp
     assert "### Choices and their validation effect" in text
     assert "| old recipe | 0.720 | 0.700 | 0.710 | 0.040 | 0.800 | 13 / 10 |  |" in text
     assert "| new recipe | 0.700 | 0.680 | 0.690 | 0.040 | 0.800 | 11 / 10 | -0.020 |" in text
+
+
+def test_card_shows_capacity_steps_from_training_compare(smoke_bundle: Path, tmp_path: Path) -> None:
+    """`--capacity`: the rows of `python -m training.compare` (each bundle and their ensemble) as a table."""
+    rows = [{"name": "a", "balanced_accuracy": 0.66, "balanced_accuracy_corrected": 0.67, "score": 0.646,
+             "score_corrected": 0.667, "macro_auc": 0.93, "melanoma_auc": 0.867, "worst_variant_drop": 0.037},
+            {"name": "a + b", "balanced_accuracy": 0.67, "balanced_accuracy_corrected": 0.69, "score": 0.646,
+             "score_corrected": 0.681, "macro_auc": 0.936, "melanoma_auc": 0.870, "worst_variant_drop": 0.055}]
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(rows))
+    text = render(smoke_bundle, [], capacity=path)
+    assert "### Capacity steps" in text
+    assert "| a | 0.660 / 0.670 | 0.646 / 0.667 | 0.037 | 0.930 | 0.867 |" in text
+    assert "| a + b | 0.670 / 0.690 | 0.646 / 0.681 | 0.055 | 0.936 | 0.870 |" in text
+    assert "### Capacity steps" not in render(smoke_bundle, [])

@@ -56,7 +56,7 @@ class TrainConfig:
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     limit: int = _opt(0, "use at most this many images of the main set (smoke tests)")
     splits: str | None = _opt(None, "reuse this splits.csv instead of making a split")
-    referral_sensitivity: float = _opt(0.92, "malignant (mel, bcc, akiec) sensitivity the default referral flag "
+    referral_sensitivity: float = _opt(0.90, "malignant (mel, bcc, akiec) sensitivity the default referral flag "
                                              "keeps on validation")
     version: str | None = _opt(None, "version string of the bundle (default: date, arch, size, seed)")
     extra_train: list[str] = _opt([], "another dataset whose every image joins the training split (repeatable)",
